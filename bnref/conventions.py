@@ -1,0 +1,254 @@
+"""Each framework's BatchNorm conventions as data: one frozen record per framework.
+
+The math lives once in bnref; a ``Convention`` only says how a framework parameterizes it:
+
+* ``momentum`` — the framework's default, *in its own meaning*. ``momentum_weights`` says
+  what it multiplies: ``"batch"`` (PyTorch: ``new = (1 - m) * old + m * batch``) or
+  ``"running"`` (Keras, Flax, ONNX, MXNet, Paddle: ``new = m * old + (1 - m) * batch``).
+* ``eps`` — default epsilon, always added inside the square root; ``min_eps`` is a floor the
+  framework silently applies (raw TF fused batch norm clamps to 1.001e-5).
+* ``unbiased_running_var`` — whether the batch variance that enters the running variance is
+  Bessel-corrected (n / (n - 1)). Normalization itself always uses the biased variance.
+* ``channel_axis`` — default channel axis for the framework's N-d layer.
+* ``fast_variance`` — the framework's default computes the batch variance as
+  ``E[x**2] - E[x]**2`` (clipped at 0) instead of two-pass; differs from bnref only by that
+  formula's cancellation error (large when |mean| >> std).
+
+Sources are in each record's ``source`` and in ``docs/conventions.md``; every value is
+checked against the live framework by the conformance suite (``tests/conformance``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from bnref.moments import Moments
+
+__all__ = [
+    "Convention",
+    "PYTORCH",
+    "KERAS",
+    "TF_KERAS2",
+    "TF_FUSED",
+    "FLAX",
+    "ONNX",
+    "MXNET",
+    "PADDLE",
+    "ALL",
+    "by_name",
+]
+
+
+def _running_dtype(a: np.ndarray) -> np.dtype:
+    return a.dtype if a.dtype.kind == "f" else np.dtype(np.float64)
+
+
+@dataclass(frozen=True)
+class Convention:
+    """How one framework parameterizes BatchNorm's running statistics (see module docstring)."""
+
+    name: str
+    momentum: float
+    momentum_weights: Literal["batch", "running"]
+    eps: float
+    unbiased_running_var: bool
+    channel_axis: int
+    source: str
+    fast_variance: bool = False
+    min_eps: float = 0.0
+    notes: str = ""
+
+    def batch_weight(self, momentum: float | None = None) -> float:
+        """Weight of the batch statistic in one update, from ``momentum`` in this framework's meaning."""
+        m = self.momentum if momentum is None else float(momentum)
+        if not 0.0 <= m <= 1.0 or np.isnan(m):
+            raise ValueError(f"momentum must be in [0, 1] for {self.name}, got {momentum}")
+        return m if self.momentum_weights == "batch" else 1.0 - m
+
+    def effective_eps(self, eps: float | None = None) -> float:
+        """The eps the framework really uses (its default, floored at ``min_eps``)."""
+        e = self.eps if eps is None else float(eps)
+        return max(e, self.min_eps)
+
+    def batch_var_for_running(self, batch: Moments) -> np.ndarray:
+        """The batch variance that enters the running variance (Bessel-corrected or not)."""
+        # PyTorch's BN normalizes by the biased variance but updates the EMA by the unbiased one.
+        return batch.var(ddof=1 if self.unbiased_running_var else 0)
+
+    def update(
+        self,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        batch_moments: Moments,
+        momentum: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One exponential-moving-average update of the running statistics.
+
+        ``new = (1 - w) * old + w * batch`` with ``w = batch_weight(momentum)``; computed in
+        float64, returned in the running arrays' dtype (float64 if they are not floating).
+        """
+        w = self.batch_weight(momentum)
+        rm, rv = _check_running(running_mean, running_var, batch_moments)
+        new_mean = (1.0 - w) * rm.astype(np.float64) + w * batch_moments.mean
+        new_var = (1.0 - w) * rv.astype(np.float64) + w * self.batch_var_for_running(batch_moments)
+        return new_mean.astype(_running_dtype(rm)), new_var.astype(_running_dtype(rv))
+
+    def update_cumulative(
+        self,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        batch_moments: Moments,
+        num_batches_tracked: int,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
+        """PyTorch's ``momentum=None``: cumulative moving average over batches.
+
+        ``num_batches_tracked`` is the count *before* this batch; it is incremented first and
+        the batch gets weight ``1 / num_batches_tracked`` (so the first batch replaces the
+        initial values). Returns ``(mean, var, num_batches_tracked + 1)``. Every batch counts
+        equally whatever its size: after one pass from any start this is the
+        ``mean_of_variances`` Precise BN estimate (what ``torch.optim.swa_utils.update_bn`` does).
+        """
+        k = int(num_batches_tracked)
+        if k < 0:
+            raise ValueError(f"num_batches_tracked must be >= 0, got {num_batches_tracked}")
+        k += 1
+        w = 1.0 / k
+        rm, rv = _check_running(running_mean, running_var, batch_moments)
+        new_mean = (1.0 - w) * rm.astype(np.float64) + w * batch_moments.mean
+        new_var = (1.0 - w) * rv.astype(np.float64) + w * self.batch_var_for_running(batch_moments)
+        return new_mean.astype(_running_dtype(rm)), new_var.astype(_running_dtype(rv)), k
+
+    def train_step(
+        self,
+        x: np.ndarray,
+        scale: np.ndarray | None,
+        bias: np.ndarray | None,
+        running_mean: np.ndarray,
+        running_var: np.ndarray,
+        *,
+        momentum: float | None = None,
+        eps: float | None = None,
+        axis: int | None = None,
+    ):
+        """What this framework's BN layer does in one training step, with its defaults.
+
+        Returns ``(y, cache, new_running_mean, new_running_var)``. ``fast_variance`` is not
+        emulated: bnref's exact variance is the reference the framework approximates.
+        """
+        from bnref.forward import batch_norm_train
+
+        y, cache = batch_norm_train(
+            x,
+            scale,
+            bias,
+            eps=self.effective_eps(eps),
+            axis=self.channel_axis if axis is None else axis,
+        )
+        mean, var = self.update(running_mean, running_var, cache.moments, momentum=momentum)
+        return y, cache, mean, var
+
+
+def _check_running(rm, rv, batch: Moments) -> tuple[np.ndarray, np.ndarray]:
+    rm = np.asarray(rm)
+    rv = np.asarray(rv)
+    c = batch.num_channels
+    for name, a in (("running_mean", rm), ("running_var", rv)):
+        if a.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},) like the batch moments, got {a.shape}")
+    return rm, rv
+
+
+PYTORCH = Convention(
+    name="pytorch",
+    momentum=0.1,
+    momentum_weights="batch",
+    eps=1e-5,
+    unbiased_running_var=True,
+    channel_axis=1,
+    source="torch.nn.BatchNorm2d docs; aten/src/ATen/native/Normalization.cpp (batch_norm_cpu_update_stats_template: unbiased var n/(n-1))",
+    notes="momentum=None is a cumulative average: use update_cumulative.",
+)
+KERAS = Convention(
+    name="keras",
+    momentum=0.99,
+    momentum_weights="running",
+    eps=1e-3,
+    unbiased_running_var=False,
+    channel_axis=-1,
+    source="keras/src/layers/normalization/batch_normalization.py (Keras 3): moving = moving*momentum + batch*(1-momentum), ops.moments biased",
+    notes="Keras 3 has no virtual_batch_size; see bnref.ghost for ghost BN.",
+)
+TF_KERAS2 = Convention(
+    name="tf_keras2",
+    momentum=0.99,
+    momentum_weights="running",
+    eps=1e-3,
+    unbiased_running_var=False,
+    channel_axis=-1,
+    source="tf_keras/src/layers/normalization/batch_normalization.py: fused path multiplies the fused op's Bessel-corrected variance by (n-1)/n",
+    notes="virtual_batch_size = ghost BN (bnref.ghost_batch_norm_train).",
+)
+TF_FUSED = Convention(
+    name="tf_fused",
+    momentum=1.0,
+    momentum_weights="batch",
+    eps=1e-3,
+    unbiased_running_var=True,
+    channel_axis=-1,
+    min_eps=1.001e-5,
+    source="tensorflow/python/ops/nn_impl.py fused_batch_norm (min_epsilon=1.001e-5, exponential_avg_factor=1.0); core/kernels/fused_batch_norm_op.cc (Bessel-corrected batch var)",
+    notes="momentum here is exponential_avg_factor: the weight of the batch.",
+)
+FLAX = Convention(
+    name="flax",
+    momentum=0.99,
+    momentum_weights="running",
+    eps=1e-5,
+    unbiased_running_var=False,
+    channel_axis=-1,
+    fast_variance=True,
+    source="flax/linen/normalization.py (_compute_stats, BatchNorm.__call__: ra = momentum*ra + (1-momentum)*batch); flax/nnx/nn/normalization.py",
+    notes="use_fast_variance=True (default): var = E[x^2]-E[x]^2 clipped at 0, in at least float32.",
+)
+ONNX = Convention(
+    name="onnx",
+    momentum=0.9,
+    momentum_weights="running",
+    eps=1e-5,
+    unbiased_running_var=False,
+    channel_axis=1,
+    source="onnx/docs/Operators.md BatchNormalization-15: running = running*momentum + current*(1-momentum), var 'does not use N-1'",
+    notes="torch.onnx exports PyTorch momentum 0.1 as ONNX momentum 0.9.",
+)
+MXNET = Convention(
+    name="mxnet",
+    momentum=0.9,
+    momentum_weights="running",
+    eps=1e-5,
+    unbiased_running_var=False,
+    channel_axis=1,
+    source="src/operator/nn/batch_norm.cc (CPU: biased var); gluon nn.BatchNorm epsilon=1e-5 (symbol BatchNorm eps=1e-3)",
+    notes="cuDNN path updates with the unbiased variance.",
+)
+PADDLE = Convention(
+    name="paddle",
+    momentum=0.9,
+    momentum_weights="running",
+    eps=1e-5,
+    unbiased_running_var=False,
+    channel_axis=1,
+    source="python/paddle/nn/layer/norm.py (_BatchNormBase: momentum=0.9, epsilon=1e-05); CPU kernel biased var",
+)
+
+ALL: tuple[Convention, ...] = (PYTORCH, KERAS, TF_KERAS2, TF_FUSED, FLAX, ONNX, MXNET, PADDLE)
+
+
+def by_name(name: str) -> Convention:
+    """Look a convention up by its ``name`` (case-insensitive)."""
+    for c in ALL:
+        if c.name == name.lower():
+            return c
+    raise ValueError(f"unknown convention {name!r}; known: {', '.join(c.name for c in ALL)}")
