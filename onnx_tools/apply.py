@@ -1,0 +1,258 @@
+"""Write collected statistics into a model's BatchNormalization mean/var tensors.
+
+What is written, per BN (float64 aggregation, cast to the dtype the model stored):
+
+``population``
+    the pooled mean and the pooled *biased* variance of every value seen (fvcore's
+    ``update_bn_stats``, the paper's Sec. 3.2); ``bessel=True`` multiplies it by
+    ``n / (n - 1)``, n the values per channel.
+``mean_of_variances``
+    the equal-weight-per-batch mean of batch means and of *unbiased* batch variances
+    (``torch.optim.swa_utils.update_bn``, pycls, mmpretrain).
+
+``prior_strength=N0`` blends the stored and new statistics as Schneider et al. (2020) do:
+``N0/(N0+n) * old + n/(N0+n) * new`` for means and variances, n the number of samples.
+
+The only changes to the model are these values, the new tensors that un-sharing needs (a
+tensor anything else reads, e.g. a TorchScript ``running_var = Identity(weight)`` alias, is
+never written: the BN gets its own new initializer, or a new Constant node under IR < 4), and
+provenance in ``metadata_props``. Nodes, their order and names, other tensors, graph
+inputs/outputs and opsets are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+import bnref
+from onnx_tools.errors import ModelError, StatsError
+from onnx_tools.graph import BatchNormInfo, TensorSource, find_batchnorms
+from onnx_tools.modelio import LoadedModel, load_model
+from onnx_tools.report import DriftReport, bn_drift
+from onnx_tools.stats import CollectedStats, load_stats, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+METADATA_PREFIX = "bnref."
+
+
+@dataclass
+class ApplyResult:
+    """The new model, its drift report, and what changed.
+
+    ``written`` lists tensors whose values were replaced in place; ``added`` the new tensors
+    created to un-share; ``loaded`` describes how the input was stored (for writing it back).
+    """
+
+    model: onnx.ModelProto
+    report: DriftReport
+    written: list[str] = field(default_factory=list)
+    added: list[str] = field(default_factory=list)
+    loaded: LoadedModel | None = None
+
+
+class _Namer:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        g = model.graph
+        self.used = {t.name for t in g.initializer} | {i.name for i in g.input}
+        self.used |= {o.name for o in g.output} | {n.name for n in g.node}
+        for n in g.node:
+            self.used.update(n.input)
+            self.used.update(n.output)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def _set_constant(node: onnx.NodeProto, value: np.ndarray) -> None:
+    """Replace a Constant node's value, keeping its attribute kind, dtype and shape."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            old = attr.t
+            new = numpy_helper.from_array(
+                value.astype(helper.tensor_dtype_to_np_dtype(old.data_type)).reshape(
+                    tuple(old.dims)
+                ),
+                old.name,
+            )
+            attr.t.CopyFrom(new)
+            return
+        if attr.name == "value_floats":
+            del attr.floats[:]
+            attr.floats.extend(float(v) for v in value.ravel())
+            return
+        if attr.name == "value_float":
+            attr.f = float(value.ravel()[0])
+            return
+    raise ModelError(f"Constant node {node.name!r} has no value attribute")
+
+
+def _write(
+    model: onnx.ModelProto,
+    bn: BatchNormInfo,
+    role: str,
+    value: np.ndarray,
+    namer: _Namer,
+    inserts: dict[int, list[onnx.NodeProto]],
+) -> tuple[str | None, str | None]:
+    """Write ``value`` as ``role`` of ``bn``; return ``(written_name, added_name)``."""
+    src: TensorSource = bn.sources[role]
+    old = bn.values.get(role)
+    if not src.writable or old is None:
+        raise ModelError(
+            f"the {role} of BatchNormalization {bn.label!r} is {src.kind} at run time "
+            f"({src.storage!r}), not stored in the model: nothing to write it into"
+        )
+    new = np.asarray(value).astype(old.dtype).reshape(old.shape)
+    graph = model.graph
+    if not src.shared:
+        if src.kind == "constant":
+            assert src.constant_node is not None
+            _set_constant(graph.node[src.constant_node], new)
+        else:
+            for tensor in graph.initializer:
+                if tensor.name == src.storage:
+                    tensor.CopyFrom(numpy_helper.from_array(new, src.storage))
+                    break
+        return src.storage, None
+    # Shared: never change what another reader sees; give this BN its own tensor.
+    node = graph.node[bn.index]
+    name = namer(f"{bn.node_name or bn.output}.bnref_{role}")
+    if model.ir_version < 4:
+        # IR < 4 lists every initializer as a graph input; a Constant keeps the inputs as they are.
+        const = helper.make_node(
+            "Constant", [], [name], name=namer(f"{name}_constant"),
+            value=numpy_helper.from_array(new, name),
+        )
+        inserts.setdefault(bn.index, []).append(const)
+    else:
+        graph.initializer.append(numpy_helper.from_array(new, name))
+    node.input[3 if role == "mean" else 4] = name
+    return None, name
+
+
+def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in values.items():
+        if key in existing:
+            existing[key].value = value
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+
+
+def apply_stats(
+    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    stats: CollectedStats | str | os.PathLike,
+    *,
+    estimator: str | None = None,
+    bessel: bool | None = None,
+    prior_strength: float | None = None,
+) -> ApplyResult:
+    """Return a copy of ``model`` with the BN statistics of ``stats`` written in.
+
+    Args:
+        model: path, ModelProto (not modified) or LoadedModel.
+        stats: collected statistics or the path of a STATS file.
+        estimator: override the estimator chosen at collection.
+        bessel: override the Bessel option (population only).
+        prior_strength: Schneider et al. prior ``N0`` (None or 0: new statistics only).
+
+    Raises:
+        StatsError: the STATS file belongs to another model or names missing BNs.
+        ModelError: statistics not stored in the model (computed at run time).
+    """
+    loaded = load_model(model)
+    if not isinstance(stats, CollectedStats):
+        stats = load_stats(stats)
+    if not stats.complete:
+        raise StatsError(
+            f"the STATS file holds shards {stats.shards} of {stats.num_shards}; merge all "
+            "shards first (bnref-onnx merge)"
+        )
+    if model_fingerprint(loaded.model) != stats.model_fingerprint:
+        raise StatsError(
+            "the STATS file was collected on another model (model fingerprints differ); "
+            "collect statistics on this model"
+        )
+    if prior_strength is not None and (not np.isfinite(prior_strength) or prior_strength < 0):
+        raise StatsError(f"--prior-strength must be a finite number >= 0, got {prior_strength}")
+    est = stats.estimator if estimator is None else estimator
+    bes = stats.bessel if bessel is None else bessel
+    out = onnx.ModelProto()
+    out.CopyFrom(loaded.model)
+    bns = {bn.key: bn for bn in find_batchnorms(out, loaded.base_dir)}
+    namer = _Namer(out)
+    inserts: dict[int, list[onnx.NodeProto]] = {}
+    rows = []
+    written: list[str] = []
+    added: list[str] = []
+    for key in stats.bns:
+        bn = bns.get(key)
+        if bn is None:
+            raise StatsError(f"the model has no BatchNormalization with output {key!r}")
+        precise = stats.precise(key, est, bes)
+        new_mean, new_var = precise.mean, precise.var
+        old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
+        if bn.channels is not None and new_mean.size != bn.channels:
+            raise StatsError(
+                f"BatchNormalization {bn.label!r} has {bn.channels} channels, the STATS file "
+                f"{new_mean.size}"
+            )
+        if prior_strength:
+            if old_mean is None or old_var is None:
+                raise ModelError(f"--prior-strength needs the stored statistics of {bn.label!r}")
+            new_mean, new_var = bnref.blend_prior(
+                old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
+            )
+        for role, value in (("mean", new_mean), ("var", new_var)):
+            w, a = _write(out, bn, role, value, namer, inserts)
+            if w:
+                written.append(w)
+            if a:
+                added.append(a)
+        if old_mean is not None and old_var is not None:
+            rows.append(bn_drift(key, bn.node_name, old_mean, old_var, new_mean, new_var,
+                                 bn.epsilon))
+    if inserts:
+        nodes = []
+        for i, node in enumerate(out.graph.node):
+            nodes.extend(inserts.get(i, []))
+            nodes.append(node)
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+    meta = {
+        "bnref_version": bnref.__version__,
+        "estimator": est,
+        "bessel": bool(bes),
+        "prior_strength": prior_strength,
+        "num_samples": stats.num_samples,
+        "num_batches": stats.num_batches,
+        "batch_size": stats.batch_size,
+        "dropped": stats.dropped,
+        "data_fingerprint": stats.data_fingerprint,
+        "provider": stats.provider,
+        "batchnorms": len(stats.bns),
+        "notes": stats.notes,
+    }
+    _set_metadata(out, {
+        f"{METADATA_PREFIX}version": bnref.__version__,
+        f"{METADATA_PREFIX}estimator": est + (" (bessel)" if bes and est == "population" else ""),
+        f"{METADATA_PREFIX}num_samples": str(stats.num_samples),
+        f"{METADATA_PREFIX}batch_size": str(stats.batch_size),
+        f"{METADATA_PREFIX}data_fingerprint": stats.data_fingerprint,
+        **({f"{METADATA_PREFIX}prior_strength": repr(float(prior_strength))}
+           if prior_strength else {}),
+    })
+    logger.debug("wrote %d tensors, added %d", len(written), len(added))
+    return ApplyResult(out, DriftReport(rows, meta), written, added, loaded)

@@ -1,0 +1,204 @@
+"""Run the collection model with onnxruntime and aggregate per-batch BN statistics.
+
+Per batch and per selected BN the collection model returns the batch mean, the biased batch
+variance (both of length C) and the shape ``(N, C, S)`` of the reshaped BN input, so the
+number of values per channel is ``N * S``. Each becomes ``bnref.Moments.from_mean_var(mean,
+var, N * S, ddof=0)`` and feeds one ``bnref.PreciseBN`` per BN, which aggregates in float64.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+
+import bnref
+from onnx_tools.data import DataSource, ImageOptions, InputSpec, check_finite, open_data
+from onnx_tools.errors import DataError, ModelError
+from onnx_tools.modelio import LoadedModel, load_model, make_session
+from onnx_tools.rewrite import build_collection_model
+from onnx_tools.stats import BNStats, CollectedStats, model_fingerprint
+
+logger = logging.getLogger(__name__)
+
+#: Below this batch size BN statistics are noisy and far from how BN was trained (a warning).
+SMALL_BATCH = 16
+
+#: Test injection point, called with the batch index after each batch is aggregated
+#: (interruption tests raise from it).
+between_batches: Callable[[int], None] | None = None
+
+
+def _progress(total: int | None, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", desc="collect", leave=False, file=sys.stderr)
+
+
+def collect(
+    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    data: Any,
+    *,
+    batch_size: int = 64,
+    num_samples: int | None = None,
+    estimator: str = "population",
+    bessel: bool = False,
+    provider: str = "auto",
+    shuffle: bool = False,
+    seed: int = 0,
+    keep_partial: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    shard: tuple[int, int] | None = None,
+    image_options: ImageOptions | None = None,
+    progress: bool | None = False,
+) -> CollectedStats:
+    """Collect Precise BatchNorm statistics of ``model`` over ``data``.
+
+    Args:
+        model: path, ``onnx.ModelProto`` (not modified) or :class:`LoadedModel`.
+        data: anything :func:`onnx_tools.data.open_data` accepts, or a ``DataSource``.
+        batch_size: normalization batch size (a static batch dimension overrides it).
+        num_samples: use at most this many samples (default: all).
+        estimator: ``"population"`` (pooled biased variance, fvcore) or
+            ``"mean_of_variances"`` (equal-weight mean of unbiased batch variances, torch
+            ``update_bn``); both states are collected either way, this is what ``apply`` uses.
+        bessel: with ``population``, write ``n/(n-1)`` times the pooled variance.
+        provider: ``auto``, ``cuda`` or ``cpu`` (see :func:`onnx_tools.modelio.make_session`).
+        shuffle: draw samples in a seeded random order.
+        seed: seed for ``shuffle``.
+        keep_partial: keep a final batch smaller than ``batch_size``.
+        include: regular expression; only BNs whose node or output name matches.
+        exclude: regular expression; BNs whose node or output name matches are skipped.
+        shard: ``(I, K)`` takes whole batches ``I, I+K, ...``.
+        image_options: how an image folder becomes model input.
+        progress: tqdm bar; ``None`` shows it on a terminal.
+
+    Returns:
+        :class:`onnx_tools.stats.CollectedStats`.
+    """
+    if estimator not in bnref.ESTIMATORS:
+        raise DataError(f"unknown estimator {estimator!r}; expected {', '.join(bnref.ESTIMATORS)}")
+    loaded = load_model(model)
+    cm = build_collection_model(
+        loaded.model, include=include, exclude=exclude, base_dir=loaded.base_dir
+    )
+    session, used = make_session(cm.model, provider)
+    logger.info("collecting with onnxruntime on %s", used.upper())
+    if isinstance(data, DataSource):
+        source = data
+    else:
+        source = open_data(data, InputSpec.from_model(loaded.model), image_options)
+    batches = source.batches(
+        batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
+        keep_partial=keep_partial, shard=shard,
+    )
+    effective = source.summary["batch_size"]
+    if effective < SMALL_BATCH:
+        logger.warning(
+            "batch size %d is far below the batch sizes BN is usually trained with (32-256): "
+            "batch statistics, and so the recalibrated model, will differ from training; "
+            "use a larger --batch-size if memory allows", effective,
+        )
+    total = None
+    n_avail = source.num_samples
+    if n_avail is not None:
+        n_use = min(n_avail, num_samples) if num_samples else n_avail
+        total = n_use // effective + (1 if keep_partial and n_use % effective else 0)
+        if shard is not None:
+            total = len(range(shard[0], total, shard[1]))
+    aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
+    names = cm.output_names
+    bar = _progress(total, progress)
+    try:
+        for index, feed in batches:
+            check_finite(feed, index)
+            try:
+                results = session.run(names, feed)
+            except Exception as exc:  # onnxruntime's own exception types
+                text = " ".join(str(exc).split())[:300]
+                raise DataError(
+                    f"batch {index}: onnxruntime could not run the model on it (shape or "
+                    f"dtype that does not fit the model's input?): {text}"
+                ) from exc
+            by_name = dict(zip(names, results, strict=True))
+            for bn in cm.bns:
+                out = cm.outputs[bn.key]
+                shape = by_name[out.shape]
+                count = int(shape[0]) * int(shape[2])
+                if count < 2:
+                    raise DataError(
+                        f"batch {index}: BatchNormalization {bn.label!r} sees {count} value per "
+                        "channel (batch of one into a BN after a fully connected layer?); a "
+                        "batch needs at least 2 values per channel for a variance: use a "
+                        "larger --batch-size"
+                    )
+                mean, var = by_name[out.mean], by_name[out.var]
+                if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+                    raise DataError(
+                        f"batch {index}: BatchNormalization {bn.label!r} got non-finite batch "
+                        "statistics (overflow in the model, e.g. float16?)"
+                    )
+                aggs[bn.key].update(bnref.Moments.from_mean_var(mean, var, count, ddof=0))
+            if bar is not None:
+                bar.update(1)
+            if between_batches is not None:
+                between_batches(index)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = source.summary
+    if summary["dropped"]:
+        logger.info(
+            "dropped a final partial batch of %d sample(s) (use --keep-partial to keep it)",
+            summary["dropped"],
+        )
+    for note in summary.get("notes", []):
+        logger.info("%s", note)
+    bns = {
+        bn.key: BNStats(bn.key, bn.node_name, int(aggs[bn.key].moments.num_channels),
+                        aggs[bn.key])
+        for bn in cm.bns
+    }
+    shard_i, shard_k = shard if shard is not None else (0, 1)
+    run = {
+        "num_samples_limit": num_samples,
+        "shuffle": bool(shuffle),
+        "seed": int(seed) if shuffle else None,
+        "keep_partial": bool(keep_partial),
+        "include": include,
+        "exclude": exclude,
+    }
+    return CollectedStats(
+        bns=bns,
+        estimator=estimator,
+        bessel=bool(bessel),
+        batch_size=int(effective),
+        num_samples=int(summary["num_samples"]),
+        num_batches=int(summary["num_batches"]),
+        dropped=int(summary["dropped"]),
+        model_fingerprint=model_fingerprint(loaded.model),
+        data_fingerprint=str(summary["fingerprint"]),
+        num_shards=int(shard_k),
+        shards=[int(shard_i)],
+        run=run,
+        provider=used,
+        notes=list(summary.get("notes", [])),
+    )
+
+
+def check_model_has_bn(model: onnx.ModelProto) -> None:
+    """Raise :class:`ModelError` with export advice when ``model`` has no BN."""
+    from onnx_tools.graph import EXPORT_ADVICE, find_batchnorms
+
+    if not find_batchnorms(model):
+        raise ModelError(f"the model has no BatchNormalization node: {EXPORT_ADVICE}")

@@ -1,0 +1,269 @@
+"""Collected statistics, the STATS file (``.npz``), and exact merging of shards.
+
+A STATS file holds, per selected BN, the full :class:`bnref.PreciseBN` state (both
+estimators: pooled count/mean/M2 and the equal-weight-per-batch averages), plus everything
+``apply`` needs: the estimator chosen at collection, batch size, sample counts, the model
+fingerprint (graph structure and BN names, not statistic values, so a STATS file applies to
+the model it was collected on and is refused by any other) and the data fingerprint.
+
+Layout: one 0-d string array ``meta`` (JSON) and, for BN number ``i`` of ``meta["bns"]``,
+arrays ``bn{i}/count``, ``bn{i}/mean``, ... as returned by ``PreciseBN.state_dict``. Loading
+never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+import bnref
+from onnx_tools.errors import StatsError
+from onnx_tools.modelio import atomic_write_bytes
+
+FORMAT = "bnref-onnx-stats"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BNStats:
+    """Aggregated statistics of one BN: its key (output name), node name and PreciseBN."""
+
+    key: str
+    node_name: str
+    channels: int
+    precise: bnref.PreciseBN
+
+
+@dataclass
+class CollectedStats:
+    """Per-BN PreciseBN state and the run that produced it.
+
+    ``shards`` lists the shard indices (out of ``num_shards``) this object covers; a complete
+    run covers all of them. ``num_samples`` counts input samples (not values per channel).
+    """
+
+    bns: dict[str, BNStats]
+    estimator: str
+    bessel: bool
+    batch_size: int
+    num_samples: int
+    num_batches: int
+    dropped: int
+    model_fingerprint: str
+    data_fingerprint: str
+    num_shards: int = 1
+    shards: list[int] = field(default_factory=lambda: [0])
+    run: dict[str, Any] = field(default_factory=dict)
+    provider: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every shard of the run is included."""
+        return sorted(self.shards) == list(range(self.num_shards))
+
+    def precise(self, key: str, estimator: str | None = None, bessel: bool | None = None):
+        """Return BN ``key``'s PreciseBN reporting with ``estimator``/``bessel``."""
+        est = self.estimator if estimator is None else estimator
+        bes = self.bessel if bessel is None else bessel
+        return self.bns[key].precise.with_estimator(est, bes)
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-ready description (everything but the arrays)."""
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "bnref_version": bnref.__version__,
+            "estimator": self.estimator,
+            "bessel": self.bessel,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "num_batches": self.num_batches,
+            "dropped": self.dropped,
+            "model_fingerprint": self.model_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
+            "num_shards": self.num_shards,
+            "shards": sorted(self.shards),
+            "run": self.run,
+            "provider": self.provider,
+            "notes": self.notes,
+            "bns": [
+                {"key": b.key, "node": b.node_name, "channels": b.channels}
+                for b in self.bns.values()
+            ],
+        }
+
+
+def _attr_signature(attr: onnx.AttributeProto) -> Any:
+    """Attribute content without tensor values (statistics may live in Constant nodes)."""
+    if attr.type == onnx.AttributeProto.TENSOR:
+        return ["tensor", attr.t.data_type, list(attr.t.dims)]
+    if attr.type == onnx.AttributeProto.GRAPH:
+        return ["graph", _graph_signature(attr.g)]
+    if attr.type == onnx.AttributeProto.GRAPHS:
+        return ["graphs", [_graph_signature(g) for g in attr.graphs]]
+    if attr.type in (onnx.AttributeProto.TENSORS, onnx.AttributeProto.SPARSE_TENSOR):
+        return ["tensors"]
+    value = onnx.helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, list):
+        return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in value]
+    return value
+
+
+def _graph_signature(graph: onnx.GraphProto) -> list[Any]:
+    return [
+        [
+            [n.domain, n.op_type, n.name, list(n.input), list(n.output),
+             sorted([a.name, _attr_signature(a)] for a in n.attribute)]
+            for n in graph.node
+        ],
+        sorted([t.name, t.data_type, list(t.dims)] for t in graph.initializer),
+        [i.name for i in graph.input],
+        [o.name for o in graph.output],
+    ]
+
+
+def model_fingerprint(model: onnx.ModelProto) -> str:
+    """SHA-256 of the graph structure: nodes, names, attributes, tensor shapes, opsets.
+
+    Statistic *values* are left out (initializer contents and Constant values), so collecting
+    and then applying on the same model agree, while any other graph is told apart.
+    """
+    sig = [
+        sorted([o.domain, o.version] for o in model.opset_import),
+        _graph_signature(model.graph),
+    ]
+    text = json.dumps(sig, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def save_stats(stats: CollectedStats, path: str | os.PathLike) -> None:
+    """Write ``stats`` to ``path`` (``.npz``) atomically."""
+    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(stats.meta()))}
+    for i, b in enumerate(stats.bns.values()):
+        for name, value in b.precise.state_dict().items():
+            arrays[f"bn{i}/{name}"] = np.asarray(value)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+def load_stats(path: str | os.PathLike) -> CollectedStats:
+    """Read a STATS file written by :func:`save_stats`; :class:`StatsError` if it is not one."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise StatsError(f"STATS file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise StatsError(f"cannot read {path} as a STATS file: {exc}") from exc
+    try:
+        meta = json.loads(str(arrays["meta"][()]))
+        if meta.get("format") != FORMAT:
+            raise StatsError(f"{path} is not a bnref-onnx STATS file")
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise StatsError(
+                f"{path} has STATS format {meta['format_version']}; this bnref-onnx reads "
+                f"up to {FORMAT_VERSION}"
+            )
+        bns: dict[str, BNStats] = {}
+        for i, info in enumerate(meta["bns"]):
+            state = {
+                k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"bn{i}/")
+            }
+            precise = bnref.PreciseBN.from_state_dict(
+                state, estimator=meta["estimator"], bessel=meta["bessel"]
+            )
+            bns[info["key"]] = BNStats(info["key"], info["node"], int(info["channels"]), precise)
+        return CollectedStats(
+            bns=bns,
+            estimator=meta["estimator"],
+            bessel=bool(meta["bessel"]),
+            batch_size=int(meta["batch_size"]),
+            num_samples=int(meta["num_samples"]),
+            num_batches=int(meta["num_batches"]),
+            dropped=int(meta["dropped"]),
+            model_fingerprint=meta["model_fingerprint"],
+            data_fingerprint=meta["data_fingerprint"],
+            num_shards=int(meta["num_shards"]),
+            shards=[int(s) for s in meta["shards"]],
+            run=dict(meta.get("run", {})),
+            provider=meta.get("provider", "cpu"),
+            notes=list(meta.get("notes", [])),
+        )
+    except StatsError:
+        raise
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise StatsError(f"{path} is not a valid STATS file: {exc}") from exc
+
+
+def merge_stats(parts: list[CollectedStats]) -> CollectedStats:
+    """Merge shards of one collection run; any order gives the same numbers.
+
+    Refuses parts from another model, another run definition (batch size, shard count,
+    shuffle/seed, sample limit, BN selection, estimator) or overlapping shards.
+    """
+    if not parts:
+        raise StatsError("merge needs at least one STATS file")
+    first = parts[0]
+    for other in parts[1:]:
+        if other.model_fingerprint != first.model_fingerprint:
+            raise StatsError("STATS files come from different models (model fingerprints differ)")
+        if list(other.bns) != list(first.bns):
+            raise StatsError("STATS files cover different BatchNormalization nodes")
+        for attr in ("batch_size", "num_shards", "estimator", "bessel"):
+            if getattr(other, attr) != getattr(first, attr):
+                raise StatsError(
+                    f"STATS files differ in {attr.replace('_', ' ')}: "
+                    f"{getattr(first, attr)} vs {getattr(other, attr)}"
+                )
+        if other.run != first.run:
+            diff = sorted(k for k in set(first.run) | set(other.run)
+                          if first.run.get(k) != other.run.get(k))
+            raise StatsError(f"STATS files come from different runs (differ in {', '.join(diff)})")
+    seen: set[int] = set()
+    for part in parts:
+        dup = seen & set(part.shards)
+        if dup:
+            raise StatsError(
+                f"shard {sorted(dup)[0]}/{first.num_shards} appears twice; each shard may be "
+                "merged once"
+            )
+        seen |= set(part.shards)
+    # Order-independent: sort parts by shard before merging; PreciseBN.merge is symmetric.
+    ordered = sorted(parts, key=lambda p: min(p.shards))
+    bns: dict[str, BNStats] = {}
+    for key, b in first.bns.items():
+        acc = ordered[0].bns[key].precise
+        for part in ordered[1:]:
+            acc = acc.merge(part.bns[key].precise)
+        bns[key] = BNStats(key, b.node_name, b.channels, acc)
+    from onnx_tools.data import combine_fingerprints
+
+    return CollectedStats(
+        bns=bns,
+        estimator=first.estimator,
+        bessel=first.bessel,
+        batch_size=first.batch_size,
+        num_samples=sum(p.num_samples for p in parts),
+        num_batches=sum(p.num_batches for p in parts),
+        dropped=sum(p.dropped for p in parts),
+        model_fingerprint=first.model_fingerprint,
+        data_fingerprint=combine_fingerprints(*(p.data_fingerprint for p in parts)),
+        num_shards=first.num_shards,
+        shards=sorted(seen),
+        run=dict(first.run),
+        provider=first.provider,
+        notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+    )
