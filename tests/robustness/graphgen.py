@@ -111,7 +111,9 @@ class _Builder:
             attrs["spatial"] = 1
         nm = self.name("BatchNormalization")
         out = self.name("bn")
-        self.nodes.append(helper.make_node("BatchNormalization", [x, scale, bias, mean, var], [out], name=nm, **attrs))
+        self.nodes.append(
+            helper.make_node("BatchNormalization", [x, scale, bias, mean, var], [out], name=nm, **attrs)
+        )
         self.bn_nodes.append(nm)
         self.desc.append(f"BN[{storage}]")
         return out
@@ -123,9 +125,9 @@ class _Builder:
         self.desc.append(act)
         if act == "Clip":
             if self.opset < 11:
-                return self.node("Clip", [x], min=-1.0, max=3.0)
-            lo = self.init("clip_lo", np.array(-1.0))
-            hi = self.init("clip_hi", np.array(3.0))
+                return self.node("Clip", [x], min=0.0, max=6.0)  # ReLU6, as MobileNet exports
+            lo = self.init("clip_lo", np.array(0.0))
+            hi = self.init("clip_hi", np.array(6.0))
             return self.node("Clip", [x, lo, hi])
         return self.node(act, [x])
 
@@ -252,11 +254,17 @@ def onnx_models(draw, max_blocks: int = 4, dtypes=(np.float32, np.float16)) -> G
 
 
 class _Interpreter:
-    def __init__(self, model: onnx.ModelProto):
+    """Node-by-node evaluation; ``wide=True`` computes every float tensor in float64."""
+
+    def __init__(self, model: onnx.ModelProto, wide: bool = False):
         self.model = model
+        self.wide = wide
         self.opsets = list(model.opset_import)
-        self.consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.consts = {t.name: self._widen(numpy_helper.to_array(t)) for t in model.graph.initializer}
         self.evaluators: dict[int, ReferenceEvaluator] = {}
+
+    def _widen(self, v: np.ndarray) -> np.ndarray:
+        return v.astype(np.float64) if self.wide and v.dtype.kind == "f" else v
 
     def _eval_node(self, i: int, node: onnx.NodeProto, values: dict) -> list[np.ndarray]:
         ev = self.evaluators.get(i)
@@ -267,7 +275,7 @@ class _Interpreter:
 
     def run(self, x: np.ndarray, record: dict[str, list[np.ndarray]]) -> None:
         values = dict(self.consts)
-        values["x"] = x
+        values["x"] = self._widen(x)
         for i, node in enumerate(self.model.graph.node):
             if node.op_type == "BatchNormalization":
                 xin, s, bb = (values[n] for n in node.input[:3])
@@ -276,19 +284,36 @@ class _Interpreter:
                 rows = x64.reshape(-1, x64.shape[-1])
                 record.setdefault(node.name, []).append(rows)
                 mean, var = rows.mean(0), rows.var(0)
-                y = (x64 - mean) / np.sqrt(var + eps) * s.astype(np.float64) + bb.astype(np.float64)
+                wd = np.float64 if self.wide else np.float32
+                if not self.wide:
+                    # Sensitivity probe: a runtime's float32 batch mean is off by about one ulp
+                    # of |mean| + std. Normalize with a mean perturbed by that much, so that the
+                    # difference to the wide pass shows how this model amplifies such errors
+                    # (a constant channel divided by sqrt(eps) amplifies them ~300x).
+                    mean = mean + np.finfo(np.float32).eps * (np.abs(mean) + np.sqrt(var))
+                xm = np.moveaxis(xin, 1, -1).astype(wd)
+                y = (xm - mean.astype(wd)) / np.sqrt(var.astype(wd) + wd(eps)) * s.astype(wd) + bb.astype(wd)
                 values[node.output[0]] = np.moveaxis(y, -1, 1).astype(xin.dtype)
+            elif node.op_type == "Constant":
+                values[node.output[0]] = self._widen(numpy_helper.to_array(node.attribute[0].t))
             elif node.op_type == "Clip" and len(node.input) == 1:  # opset < 11: min/max attributes
                 attrs = {a.name: a.f for a in node.attribute}
                 values[node.output[0]] = np.clip(values[node.input[0]], attrs["min"], attrs["max"])
             else:
                 for name, v in zip(node.output, self._eval_node(i, node, values), strict=False):
-                    values[name] = v
+                    values[name] = self._widen(v)
 
 
-def reference_population_stats(model: onnx.ModelProto, batches: list[np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Pooled (population) mean and biased variance of every BN input over ``batches``."""
-    interp = _Interpreter(model)
+def reference_population_stats(
+    model: onnx.ModelProto, batches: list[np.ndarray], wide: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Pooled (population) mean and biased variance of every BN input over ``batches``.
+
+    Non-BN nodes compute in the model's dtype, as a runtime does, and BNs normalize with a mean
+    perturbed by one float32 ulp (``wide=True``: everything in float64, unperturbed). The
+    difference between the two measures how sensitive each statistic is to rounding upstream.
+    """
+    interp = _Interpreter(model, wide=wide)
     record: dict[str, list[np.ndarray]] = {}
     for xb in batches:
         interp.run(xb, record)

@@ -63,7 +63,9 @@ def _check_output_contract(before: onnx.ModelProto, after: onnx.ModelProto) -> N
         if nb.op_type == "BatchNormalization":
             assert list(na.input[:3]) == list(nb.input[:3])
             assert list(na.output) == list(nb.output)
-            assert [a.SerializeToString() for a in na.attribute] == [a.SerializeToString() for a in nb.attribute]
+            assert [a.SerializeToString() for a in na.attribute] == [
+                a.SerializeToString() for a in nb.attribute
+            ]
         elif nb.op_type == "Constant" and nb.output[0] in stat_sources:
             pass  # a Constant that only feeds BN statistics may carry new values
         else:
@@ -73,10 +75,18 @@ def _check_output_contract(before: onnx.ModelProto, after: onnx.ModelProto) -> N
     for t in before.graph.initializer:
         assert t.name in after_inits, f"initializer {t.name} removed"
         if t.name not in only_stats:
-            assert after_inits[t.name].SerializeToString() == t.SerializeToString(), f"initializer {t.name} changed"
-    assert [i.SerializeToString() for i in after.graph.input] == [i.SerializeToString() for i in before.graph.input]
-    assert [o.SerializeToString() for o in after.graph.output] == [o.SerializeToString() for o in before.graph.output]
-    assert [o.SerializeToString() for o in after.opset_import] == [o.SerializeToString() for o in before.opset_import]
+            assert after_inits[t.name].SerializeToString() == t.SerializeToString(), (
+                f"initializer {t.name} changed"
+            )
+    assert [i.SerializeToString() for i in after.graph.input] == [
+        i.SerializeToString() for i in before.graph.input
+    ]
+    assert [o.SerializeToString() for o in after.graph.output] == [
+        o.SerializeToString() for o in before.graph.output
+    ]
+    assert [o.SerializeToString() for o in after.opset_import] == [
+        o.SerializeToString() for o in before.opset_import
+    ]
     assert after.ir_version == before.ir_version
     before_meta = {p.key: p.value for p in before.metadata_props}
     after_meta = {p.key: p.value for p in after.metadata_props}
@@ -95,7 +105,8 @@ def _stat_sources(model: onnx.ModelProto) -> set[str]:
     def only_stats(name: str) -> bool:
         rs = readers.get(name, [])
         return bool(rs) and all(
-            (n.op_type == "BatchNormalization" and i in (3, 4)) or (n.op_type == "Identity" and only_stats(n.output[0]))
+            (n.op_type == "BatchNormalization" and i in (3, 4))
+            or (n.op_type == "Identity" and only_stats(n.output[0]))
             for n, i in rs
         )
 
@@ -106,7 +117,9 @@ def _stat_sources(model: onnx.ModelProto) -> set[str]:
     return out
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(g=onnx_models())
 def test_recalibrate_generated_models(g: GeneratedModel):
     before = onnx.ModelProto()
@@ -119,21 +132,34 @@ def test_recalibrate_generated_models(g: GeneratedModel):
 
     batches = [data[i : i + batch] for i in range(0, len(data), batch)]
     expected = reference_population_stats(before, batches)
+    # The same computation in float64 and unperturbed: how far rounding alone can move each
+    # statistic in this model (deep chains through near-constant channels amplify it).
+    wide = reference_population_stats(before, batches, wide=True)
     got = stored_stats(result.model)
     assert set(got) == set(expected) == set(g.bn_nodes)
     tol = _tolerance(g.dtype)
+    ulp, tiny = np.finfo(g.dtype).eps, float(np.finfo(g.dtype).tiny)
     for name, (mean, var) in expected.items():
         gm, gv = (np.asarray(a, np.float64) for a in got[name])
-        std = np.sqrt(var)
-        # The stored value is rounded to the model's dtype; below its smallest normal number
-        # (6e-5 in float16) only absolute accuracy is meaningful.
-        ulp, tiny = np.finfo(g.dtype).eps, float(np.finfo(g.dtype).tiny)
-        # Upstream BNs normalize near-constant channels by sqrt(eps), which amplifies float32
-        # rounding: allow tol of |mean| too, and ulp * mean^2 on a variance of exactly 0.
-        assert np.all(np.abs(gm - mean) <= tol * (std + 0.1 * np.abs(mean) + tiny) + ulp * np.abs(mean)), (
-            name, gm, mean,
+        slack_m = 4 * np.abs(mean - wide[name][0])
+        slack_v = 4 * np.abs(var - wide[name][1])
+        # The stored value is rounded to the model's dtype (ulp terms); below its smallest
+        # normal number only absolute accuracy is meaningful (tiny terms). onnxruntime's float32
+        # kernels sum in another order than NumPy: dot products that cancel (a constant channel
+        # behind a saturated Clip) differ by tens of float32 ulp of the result (acc term).
+        acc = 64 * float(np.finfo(np.float32).eps)
+        assert np.all(
+            np.abs(gm - mean) <= tol * (np.sqrt(var) + tiny) + (ulp + acc) * np.abs(mean) + slack_m
+        ), (
+            name,
+            gm,
+            mean,
         )
-        assert np.all(np.abs(gv - var) <= (2 * tol + ulp) * (var + tiny) + 4 * ulp * mean**2), (name, gv, var)
+        assert np.all(np.abs(gv - var) <= (2 * tol + ulp) * (var + tiny) + 4 * ulp * mean**2 + slack_v), (
+            name,
+            gv,
+            var,
+        )
         assert got[name][0].dtype == g.dtype
 
     _check_output_contract(before, result.model)
