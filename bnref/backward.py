@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnref._kernels import affine_grad_sums, train_input_grad
+from bnref._kernels import eval_backward, grad_sums, train_input_grad
 from bnref._validation import (
-    channel_shape,
     check_array,
     check_channel_vector,
     check_eps,
@@ -51,9 +50,11 @@ def batch_norm_train_backward(
         )
     x = cache.x
     dy = _check_dy(dy, x)
-    x_hat, dbias, dscale = affine_grad_sums(dy, x, cache.axis, cache.mean, cache.inv_std)
+    mean_lo = cache.mean_residual
+    dbias, dscale = grad_sums(dy, x, cache.axis, cache.mean, cache.inv_std, mean_lo=mean_lo)
     dx = train_input_grad(
-        dy, x_hat, cache.axis, cache.moments.count, cache.scale * cache.inv_std, dbias, dscale
+        dy, x, cache.axis, cache.mean, cache.inv_std, cache.scale, cache.moments.count,
+        dbias, dscale, mean_lo=mean_lo,
     )
     dt = x.dtype
     return dx.astype(dt, copy=False), dscale.astype(dt), dbias.astype(dt)
@@ -78,7 +79,6 @@ def batch_norm_eval_backward(
     var64 = check_channel_vector(var, "var", channels)
     check_nonneg_variance(var64)
     inv_std = 1.0 / np.sqrt(var64 + check_eps(eps))
-    _, dbias, dscale = affine_grad_sums(dy, x, axis, mean64, inv_std)
-    dx = dy.astype(np.float64) * (scale64 * inv_std).reshape(channel_shape(x.ndim, axis, channels))
+    dx, dbias, dscale = eval_backward(dy, x, axis, mean64, inv_std, scale64)
     dt = x.dtype
     return dx.astype(dt, copy=False), dscale.astype(dt), dbias.astype(dt)

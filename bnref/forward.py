@@ -43,6 +43,7 @@ class BatchNormCache:
     scale: np.ndarray  # float64, ones when the forward had no scale
     moments: Moments  # the batch's statistics
     inv_std: np.ndarray  # 1 / sqrt(var_biased + eps), float64
+    mean_residual: np.ndarray | None = None  # exact batch mean ~= mean + mean_residual
 
     @property
     def mean(self) -> np.ndarray:
@@ -85,10 +86,13 @@ def batch_norm_train(
         which is what running-statistic updates and Precise BN consume.
     """
     x, axis, scale64, bias64, eps = _prepare(x, scale, bias, eps, axis)
-    moments = Moments.from_array(x, axis)
+    moments, mean_lo = Moments._from_array_with_residual(x, axis)
     inv_std = 1.0 / np.sqrt(moments.var(ddof=0) + eps)
-    y = normalize_affine(x, axis, moments.mean, inv_std, scale64, bias64)
-    cache = BatchNormCache(x=x, axis=axis, eps=eps, scale=scale64, moments=moments, inv_std=inv_std)
+    y = normalize_affine(x, axis, moments.mean, inv_std, scale64, bias64, mean_lo=mean_lo)
+    cache = BatchNormCache(
+        x=x, axis=axis, eps=eps, scale=scale64, moments=moments, inv_std=inv_std,
+        mean_residual=mean_lo,
+    )
     return y.astype(x.dtype, copy=False), cache
 
 

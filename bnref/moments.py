@@ -69,15 +69,24 @@ class Moments:
     @classmethod
     def from_array(cls, x: np.ndarray, axis: int = 1) -> Moments:
         """Moments over every axis of ``x`` but the channel ``axis`` (two-pass, float64)."""
-        from bnref._kernels import channel_moments  # local: _kernels imports this module
+        return cls._from_array_with_residual(x, axis)[0]
+
+    @classmethod
+    def _from_array_with_residual(cls, x: np.ndarray, axis: int) -> tuple[Moments, np.ndarray]:
+        """``from_array`` plus the mean's rounding residual: exact mean ~= mean + residual.
+
+        The forward/backward kernels fold the residual into per-channel constants, so that
+        float64 outputs stay within a few ulp even when |mean| >> std.
+        """
+        from bnref._kernels import channel_stats  # local: keeps _kernels free of this module
 
         x = check_array(x)
         axis = normalize_axis(axis, x.ndim)
         count = x.size // x.shape[axis] if x.shape[axis] else 0
         if count == 0:
             raise ValueError(f"x has no values per channel (shape {x.shape}, channel axis {axis})")
-        mean, m2 = channel_moments(x, axis)
-        return cls(count, mean, m2)
+        mean, mean_lo, m2 = channel_stats(x, axis)
+        return cls(count, mean, m2), mean_lo
 
     @classmethod
     def from_mean_var(cls, mean: np.ndarray, var: np.ndarray, count: int, ddof: int = 0) -> Moments:

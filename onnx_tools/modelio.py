@@ -263,8 +263,11 @@ def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
     except OSError as exc:
         raise OutputError(f"cannot write to {target_dir}: {exc.strerror or exc}") from exc
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError as exc:  # disk full, quota, I/O error: the temporary file goes away below
+            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions

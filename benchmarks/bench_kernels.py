@@ -1,0 +1,281 @@
+"""bnref's kernels against PyTorch's native CPU BatchNorm and a plain copy, in one run.
+
+For each case (layout x dtype) and operation (training forward, eval forward, training
+backward) it times, interleaved round by round so that machine noise hits all of them alike:
+
+* bnref: ``batch_norm_train`` / ``batch_norm_eval`` / ``batch_norm_train_backward``;
+* PyTorch: ``F.batch_norm`` (training / eval) and the autograd backward of the training-mode
+  call (``torch.autograd.grad`` on a retained graph: the native batch_norm_backward kernel),
+  with ``torch.set_num_threads(threads)``;
+* a plain ``x.copy()`` — the memory-bandwidth floor for an op that returns a new array.
+
+It reports medians and bnref/PyTorch ratios, the cost of ``PreciseBN.update`` and
+``Moments.merge`` (O(C)), and bnref's peak extra memory (tracemalloc) relative to the input,
+and writes everything with a machine description to ``benchmarks/results/kernels.json``.
+
+    python benchmarks/bench_kernels.py                # run (a few minutes), write the JSON
+    python benchmarks/bench_kernels.py --quick        # fewer rounds
+    python benchmarks/bench_kernels.py --markdown     # render the README table from the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import bnref  # noqa: E402
+from bnref import _kernels  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "kernels.json"
+
+# name -> (shape, channel axis, torch memory format)
+CASES = {
+    "NCHW (64,256,28,28)": ((64, 256, 28, 28), 1, "contiguous"),
+    "NHWC (64,28,28,256)": ((64, 28, 28, 256), -1, "channels_last"),
+    "(256,4096)": ((256, 4096), 1, "contiguous"),
+    "NCDHW (8,64,16,32,32)": ((8, 64, 16, 32, 32), 1, "contiguous"),
+}
+OPS = ("train_fwd", "eval_fwd", "train_bwd")
+TARGETS = {"NCHW (64,256,28,28)": 1.5, "NHWC (64,28,28,256)": 1.5, "(256,4096)": 3.0,
+           "NCDHW (8,64,16,32,32)": 1.5}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    info = {
+        "cpu": cpu,
+        "cores": cores,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "bnref_threads": _kernels.num_threads(),
+        "bnref_block_elems": _kernels._config["block_elems"],
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def _timer(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    shape, axis, fmt = CASES[name]
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal(shape) * 2 + 3).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    C = shape[axis]
+    scale = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
+    bias = (0.1 * rng.standard_normal(C)).astype(dtype)
+
+    # Torch sees the same memory: NHWC data as an NCHW-shaped channels_last tensor.
+    def tview(a):
+        t = torch.from_numpy(a)
+        return t.permute(0, 3, 1, 2) if fmt == "channels_last" else t
+
+    xt, gt = tview(x), tview(dy)
+    w, b = torch.from_numpy(scale), torch.from_numpy(bias)
+    rm, rv = torch.zeros(C, dtype=xt.dtype), torch.ones(C, dtype=xt.dtype)
+    xg = xt.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+    wg, bg = w.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    yg = F.batch_norm(xg, rm.clone(), rv.clone(), wg, bg, training=True)
+    _, cache = bnref.batch_norm_train(x, scale, bias, axis=axis)
+    mean, var = cache.mean, cache.var
+
+    fns = {
+        ("bnref", "train_fwd"): lambda: bnref.batch_norm_train(x, scale, bias, axis=axis),
+        ("torch", "train_fwd"): lambda: F.batch_norm(xt, rm, rv, w, b, training=True),
+        ("bnref", "eval_fwd"): lambda: bnref.batch_norm_eval(x, scale, bias, mean, var, axis=axis),
+        ("torch", "eval_fwd"): lambda: F.batch_norm(xt, rm, rv, w, b, training=False),
+        ("bnref", "train_bwd"): lambda: bnref.batch_norm_train_backward(dy, cache),
+        ("torch", "train_bwd"): lambda: torch.autograd.grad(yg, [xg, wg, bg], gt, retain_graph=True),
+        ("copy", "copy"): lambda: x.copy(),
+    }
+    times: dict = {k: [] for k in fns}
+    for fn in fns.values():  # warm-up
+        fn()
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k].append(_timer(fn))
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+    # Peak extra memory of bnref (NumPy allocations are traced), relative to the input size.
+    mem = {}
+    for op in OPS:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        fns[("bnref", op)]()
+        mem[op] = tracemalloc.get_traced_memory()[1] / x.nbytes
+        tracemalloc.stop()
+
+    row = {
+        "case": name,
+        "dtype": np.dtype(dtype).name,
+        "shape": list(shape),
+        "axis": axis,
+        "copy_ms": round(med[("copy", "copy")], 3),
+        "ops": {},
+    }
+    for op in OPS:
+        bn, th = med[("bnref", op)], med[("torch", op)]
+        row["ops"][op] = {
+            "bnref_ms": round(bn, 3),
+            "torch_ms": round(th, 3),
+            "ratio": round(bn / th, 3),
+            "bnref_peak_mem_over_input": round(mem[op], 3),
+        }
+    bn_total = sum(med[("bnref", op)] for op in ("train_fwd", "train_bwd"))
+    th_total = sum(med[("torch", op)] for op in ("train_fwd", "train_bwd"))
+    row["train_fwd_plus_bwd_ratio"] = round(bn_total / th_total, 3)
+    return row
+
+
+def bench_aggregation(rounds: int) -> dict:
+    """Cost of the O(C) steps beside a forward: PreciseBN.update and Moments.merge (C=256)."""
+    rng = np.random.default_rng(1)
+    C = 256
+    ms = [
+        bnref.Moments.from_mean_var(rng.standard_normal(C), rng.uniform(0.5, 2, C), 50176)
+        for _ in range(8)
+    ]
+    p = bnref.PreciseBN()
+    upd, mrg = [], []
+    for i in range(max(rounds * 20, 200)):
+        upd.append(_timer(lambda i=i: p.update(ms[i % 8])))
+        mrg.append(_timer(lambda i=i: ms[i % 8].merge(ms[(i + 1) % 8])))
+    return {
+        "channels": C,
+        "precise_update_us": round(statistics.median(upd) * 1e6, 2),
+        "moments_merge_us": round(statistics.median(mrg) * 1e6, 2),
+    }
+
+
+def run(rounds: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    _kernels.set_num_threads(threads)
+    out = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "rounds": rounds,
+        "statistic": "median over interleaved rounds",
+        "results": [],
+    }
+    for name in CASES:
+        for dtype in (np.float32, np.float64):
+            row = bench_case(name, np.dtype(dtype), rounds, threads)
+            out["results"].append(row)
+            o = row["ops"]
+            print(
+                f"{name:24s} {row['dtype']:8s} copy {row['copy_ms']:7.2f} ms | "
+                + " | ".join(
+                    f"{op} {o[op]['bnref_ms']:7.2f}/{o[op]['torch_ms']:7.2f} ms = {o[op]['ratio']:.2f}x"
+                    for op in OPS
+                ),
+                flush=True,
+            )
+    agg = bench_aggregation(rounds)
+    nchw32 = out["results"][0]["ops"]["train_fwd"]["bnref_ms"]
+    agg["fraction_of_nchw_float32_forward"] = round(agg["precise_update_us"] / 1e3 / nchw32, 6)
+    out["aggregation"] = agg
+    print(
+        f"PreciseBN.update {agg['precise_update_us']:.1f} us, Moments.merge "
+        f"{agg['moments_merge_us']:.1f} us (C={agg['channels']}); a float32 NCHW forward is "
+        f"{nchw32:.1f} ms"
+    )
+    return out
+
+
+def markdown(data: dict) -> str:
+    """The README table, from the JSON."""
+    m = data["machine"]
+    lines = [
+        f"Measured {data['date'][:10]} on {m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, "
+        f"torch {m['torch']} ({m.get('torch_threads')} threads), bnref {m['bnref_threads']} "
+        f"threads; median of {data['rounds']} interleaved rounds. Times in ms; ratio = "
+        "bnref / PyTorch (lower is better).",
+        "",
+        "| case | dtype | copy | train fwd | eval fwd | train bwd | fwd+bwd | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["results"]:
+        cells = []
+        for op in OPS:
+            o = r["ops"][op]
+            cells.append(f"{o['bnref_ms']:.1f} / {o['torch_ms']:.1f} (**{o['ratio']:.2f}**)")
+        tgt = TARGETS.get(r["case"], "")
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['copy_ms']:.1f} | " + " | ".join(cells)
+            + f" | {r['train_fwd_plus_bwd_ratio']:.2f} | {'≤ ' + str(tgt) if tgt else ''} |"
+        )
+    a = data.get("aggregation")
+    if a:
+        lines += [
+            "",
+            f"`PreciseBN.update`: {a['precise_update_us']:.0f} µs, `Moments.merge`: "
+            f"{a['moments_merge_us']:.0f} µs for C = {a['channels']} "
+            f"({100 * a['fraction_of_nchw_float32_forward']:.3f} % of a float32 NCHW forward).",
+        ]
+    peak = max(o["bnref_peak_mem_over_input"] for r in data["results"] for o in r["ops"].values())
+    lines.append(f"Peak extra memory of bnref (output included): ≤ {peak:.2f} × the input size.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="5 rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--markdown", action="store_true", help="print the table from --out and exit")
+    args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())))
+        return 0
+    data = run(5 if args.quick else args.rounds, args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=2) + "\n")
+    print(f"wrote {args.out}\n")
+    print(markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
