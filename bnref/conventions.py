@@ -221,7 +221,10 @@ ONNX = Convention(
     unbiased_running_var=False,
     channel_axis=1,
     source="onnx/docs/Operators.md BatchNormalization-15: running = running*momentum + current*(1-momentum), var 'does not use N-1'",
-    notes="torch.onnx exports PyTorch momentum 0.1 as ONNX momentum 0.9.",
+    notes=(
+        "torch.onnx exports PyTorch momentum 0.1 as ONNX momentum 0.9. epsilon and momentum are "
+        "float attributes: a float64 graph really uses float32(1e-5) = 9.99999974738e-06."
+    ),
 )
 MXNET = Convention(
     name="mxnet",

@@ -233,9 +233,13 @@ def check_case(
     case: BNCase,
     tol: Tolerance,
     momentum: float | None = None,
+    eps: float | None = None,
 ) -> dict[str, float]:
-    """Compare ``impl`` with bnref on one case; return the worst error/allowed ratio per quantity."""
-    eps = convention.effective_eps()
+    """Compare ``impl`` with bnref on one case; return the worst error/allowed ratio per quantity.
+
+    ``momentum`` and ``eps`` default to the convention's; both are passed to ``impl``.
+    """
+    eps = convention.effective_eps(eps)
     mom = convention.momentum if momentum is None else momentum
     ax = normalize_axis(case.axis, case.x.ndim)
     worst: dict[str, float] = {}
@@ -325,6 +329,7 @@ def check_batch_norm(
     dtype=np.float32,
     *,
     momentum: float | None = None,
+    eps: float | None = None,
     max_examples: int = 50,
     tolerance: Tolerance | None = None,
     cases=None,
@@ -333,6 +338,10 @@ def check_batch_norm(
 
     Raises ``AssertionError`` on the first (shrunk) counterexample, with the quantity, the worst
     element and the falsifying example in the message and hypothesis's report.
+
+    For jit-compiled implementations (JAX/Flax), every new shape recompiles: pass
+    ``cases=bn_cases(dtype, shape_axis=st.sampled_from([((8, 4, 3, 3), -1), ...]))`` to draw
+    from a few fixed shapes.
     """
     _require_hypothesis()
     tol = tolerance or Tolerance.for_dtype(dtype)
@@ -341,6 +350,6 @@ def check_batch_norm(
     @settings(max_examples=max_examples, deadline=None, print_blob=True, database=None)
     @given(case=strategy)
     def _run(case):
-        check_case(impl, convention, case, tol, momentum)
+        check_case(impl, convention, case, tol, momentum, eps)
 
     _run()

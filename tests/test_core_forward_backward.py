@@ -301,3 +301,20 @@ def test_backward_returns_input_dtype():
 def test_bad_input_names_the_problem(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
         call()
+
+
+def test_bfloat16_with_ml_dtypes():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((16, 3, 4)) * 3 + 5).astype(bf16)
+    s, b = rng.standard_normal(3), rng.standard_normal(3)
+    y, cache = bnref.batch_norm_train(x, s, b)
+    assert y.dtype == bf16
+    ref, _, _ = naive_train(x.astype(np.float64), s, b, 1e-5, 1)
+    x_hat = (ref - b.reshape(1, 3, 1)) / s.reshape(1, 3, 1)
+    # bfloat16 has 8 significant bits: the float64 answer rounded once is within one bf16 eps.
+    tol = float(ml_dtypes.finfo(bf16).eps) * _natural(x_hat, s, b, 1)
+    assert np.all(np.abs(y.astype(np.float64) - ref) <= tol)
+    dx, ds, db = bnref.batch_norm_train_backward(rng.standard_normal(x.shape).astype(bf16), cache)
+    assert dx.dtype == ds.dtype == db.dtype == bf16

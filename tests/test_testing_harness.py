@@ -89,3 +89,15 @@ def test_tolerance_per_dtype():
             np.ones(2),
             bt.Tolerance.for_dtype(np.float32),
         )
+
+
+def test_eps_override_reaches_the_implementation():
+    seen = []
+    impl = _oracle_impl(PYTORCH)
+
+    def spy(x, scale, bias, rm, rv, *, eps, momentum, axis):
+        seen.append(eps)
+        return impl.train(x, scale, bias, rm, rv, eps=eps, momentum=momentum, axis=axis)
+
+    bt.check_batch_norm(bt.BatchNormImpl(train=spy), PYTORCH, np.float32, eps=1e-2, max_examples=5)
+    assert set(seen) == {1e-2}

@@ -122,6 +122,11 @@ def _stat_sources(model: onnx.ModelProto) -> set[str]:
 )
 @given(g=onnx_models())
 def test_recalibrate_generated_models(g: GeneratedModel):
+    check_recalibrate(g)
+
+
+def check_recalibrate(g: GeneratedModel) -> None:
+    """The fuzz property for one model: statistics, output contract, runnable result."""
     before = onnx.ModelProto()
     before.CopyFrom(g.model)
     data = _data(g)
@@ -173,7 +178,85 @@ def test_recalibrate_generated_models(g: GeneratedModel):
 @settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(g=onnx_models(max_blocks=6))
 def test_recalibrate_generated_models_long(g: GeneratedModel):
-    test_recalibrate_generated_models.hypothesis.inner_test(g)
+    check_recalibrate(g)
+
+
+# -- regressions: shapes of model the fuzzer found hard, pinned as plain tests --------------------
+
+_SATURATED = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[3,4] x) => (float[3,2] y) {
+  h = Gemm(x, w1, c1)
+  b1 = BatchNormalization(h, s1, o1, m1, v1)
+  r1 = Clip(b1, lo, hi)
+  z = MatMul(r1, w2)
+  b2 = BatchNormalization(z, s2, o2, m2, v2)
+  r2 = Relu(b2)
+  y = BatchNormalization(r2, s2, o3, m2b, v2b)
+}
+"""
+
+
+def _regression_model(text: str, inits: dict[str, np.ndarray], dtype=np.float32) -> GeneratedModel:
+    model = onnx.parser.parse_model(text)
+    model.graph.initializer.extend(
+        numpy_helper.from_array(np.asarray(v, dtype=dtype if v.dtype.kind == "f" else v.dtype), k)
+        for k, v in inits.items()
+    )
+    onnx.checker.check_model(model)
+    bns = []
+    for i, n in enumerate(model.graph.node):
+        n.name = n.name or f"{n.op_type}_{i}"
+        if n.op_type == "BatchNormalization":
+            bns.append(n.name)
+    shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim)
+    return GeneratedModel(model, shape, np.dtype(dtype), bns, ["regression"])
+
+
+def test_regression_constant_channel_behind_saturated_clip():
+    # Channel 0 of b1 saturates Clip at 6 for every sample: z is constant, BN b2 divides rounding
+    # noise by sqrt(eps) and passes it on (found by the fuzzer as a ~1e-5 relative mismatch).
+    f = np.float32
+    inits = {
+        "w1": np.eye(4, 2, dtype=f),
+        "c1": np.zeros(2, f),
+        "s1": np.array([0.5, 1.0], f),
+        "o1": np.array([50.0, 0.0], f),
+        "m1": np.zeros(2, f),
+        "v1": np.ones(2, f),
+        "lo": np.array(0.0, f),
+        "hi": np.array(6.0, f),
+        "w2": np.array([[0.3, 0.1], [0.0, 1.0]], f),
+        "s2": np.array([1.0, 1.5], f),
+        "o2": np.array([0.7, -0.2], f),
+        "m2": np.zeros(2, f),
+        "v2": np.ones(2, f),
+        "o3": np.array([0.1, 0.2], f),
+        "m2b": np.zeros(2, f),
+        "v2b": np.ones(2, f),
+    }
+    check_recalibrate(_regression_model(_SATURATED, inits))
+
+
+def test_regression_float16_variance_below_smallest_normal():
+    # A float16 channel whose variance (~2e-6) is subnormal in float16: only absolute accuracy
+    # (~6e-8 spacing) is meaningful there (found by the fuzzer).
+    text = """
+    <ir_version: 8, opset_import: ["" : 15]>
+    g (float16[4,2,3] x) => (float16[4,2,3] y) {
+      s = Mul(x, k)
+      y = BatchNormalization(s, sc, of, mu, va)
+    }
+    """
+    h = np.float16
+    inits = {
+        "k": np.array([[1e-3], [1.0]], h),
+        "sc": np.ones(2, h),
+        "of": np.zeros(2, h),
+        "mu": np.zeros(2, h),
+        "va": np.ones(2, h),
+    }
+    check_recalibrate(_regression_model(text, inits, dtype=h))
 
 
 def test_stat_sources_sees_through_identity():
