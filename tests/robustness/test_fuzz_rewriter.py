@@ -11,7 +11,7 @@ For every generated model and random data, ``recalibrate`` must
   inputs/outputs, opset, IR version and pre-existing metadata;
 * produce a model onnxruntime loads and runs.
 
-``make fuzz`` runs the same property with the ``fuzz`` hypothesis profile (1000 examples);
+``make fuzz`` runs the same property on larger models (3000 examples; CI runs 300);
 regressions found along the way are pinned with ``@example`` below.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 
 from tests.robustness.graphgen import GeneratedModel, onnx_models, reference_population_stats, stored_stats
 
@@ -118,10 +118,15 @@ def _stat_sources(model: onnx.ModelProto) -> set[str]:
 
 
 @settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 @given(g=onnx_models())
 def test_recalibrate_generated_models(g: GeneratedModel):
+    # Coverage, shown by --hypothesis-show-statistics.
+    event(f"opset {g.model.opset_import[0].version}")
+    event(f"dtype {g.dtype.name}")
+    for block in set(g.description):
+        event(f"block {block}")
     check_recalibrate(g)
 
 
@@ -175,7 +180,7 @@ def check_recalibrate(g: GeneratedModel) -> None:
 
 
 @pytest.mark.fuzz
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))
 @given(g=onnx_models(max_blocks=6))
 def test_recalibrate_generated_models_long(g: GeneratedModel):
     check_recalibrate(g)
