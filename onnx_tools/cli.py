@@ -208,6 +208,15 @@ def _check_writable(path: str | None, what: str) -> None:
         raise OutputError(f"{what} file is not writable: {path}")
 
 
+def _check_not_input(args: argparse.Namespace) -> None:
+    """``-o`` naming the input model itself would overwrite it: that is what --in-place is for."""
+    if not args.in_place and args.output is not None and os.path.exists(args.output):
+        if os.path.samefile(args.output, args.model):
+            raise OutputError(
+                f"output {args.output} is the input model; use --in-place to overwrite it"
+            )
+
+
 def _collect_kwargs(args: argparse.Namespace) -> dict:
     return {
         "batch_size": args.batch_size,
@@ -274,6 +283,7 @@ def _finish_apply(args: argparse.Namespace, result, in_place: bool) -> None:
 
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     _check_writable(args.output if not args.in_place else args.model, "output")
+    _check_not_input(args)
     _check_writable(args.report, "report")
     loaded = load_model(args.model)
     stats = collect(loaded, args.data, **_collect_kwargs(args))
@@ -307,6 +317,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     _check_writable(args.output if not args.in_place else args.model, "output")
+    _check_not_input(args)
     _check_writable(args.report, "report")
     result = apply_stats(args.model, args.stats, prior_strength=args.prior_strength)
     _finish_apply(args, result, args.in_place)

@@ -210,6 +210,9 @@ def write_model(
         raise OutputError(f"output folder does not exist: {target_dir}")
     if os.path.isdir(out):
         raise OutputError(f"output path is a directory: {out}")
+    if not in_place and like is not None and like.path is not None and os.path.exists(out):
+        if os.path.samefile(out, like.path):
+            raise OutputError(f"output {out} is the input model; pass in_place=True to overwrite it")
     try:
         tmpdir = tempfile.mkdtemp(prefix=".bnref-onnx-", dir=target_dir)
     except OSError as exc:

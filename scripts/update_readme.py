@@ -25,6 +25,7 @@ def _render(name: str) -> str:
 
 
 def main() -> int:
+    """Rewrite every bench block of README.md in place."""
     readme = ROOT / "README.md"
     text = readme.read_text()
     for name in re.findall(r"<!-- bench:(\w+) -->", text):

@@ -150,14 +150,22 @@ def test_reader_raises_halfway(files, tmp_path):
 
 def test_corrupt_external_data_file(tmp_path):
     model_path = tmp_path / "ext.onnx"
-    onnx.save(cnn_model(), model_path, save_as_external_data=True, all_tensors_to_one_file=True,
-              location="ext.onnx.data", size_threshold=0)
+    onnx.save(
+        cnn_model(),
+        model_path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
     data = tmp_path / "calib.npy"
     np.save(data, cnn_data(n=16))
     ext = tmp_path / "ext.onnx.data"
     ext.write_bytes(ext.read_bytes()[:100])  # truncated: offsets point past the end
     before, digest, ext_digest = _listing(tmp_path), file_digest(model_path), file_digest(ext)
-    rc, _, err = run_cli("recalibrate", model_path, "--data", data, "--batch-size", "8", "-o", tmp_path / "o.onnx")
+    rc, _, err = run_cli(
+        "recalibrate", model_path, "--data", data, "--batch-size", "8", "-o", tmp_path / "o.onnx"
+    )
     _check_failure(rc, err, 1, "ext.onnx", tmp_path, before, model_path, digest)
     assert file_digest(ext) == ext_digest
 
@@ -165,7 +173,9 @@ def test_corrupt_external_data_file(tmp_path):
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir()
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        )
     except OSError:
         return False
     return r.returncode == 0
@@ -183,10 +193,38 @@ def test_really_full_disk(files, tmp_path):
         big_path = tmp_path / "big.onnx"
         onnx.save(big, big_path)  # ~160 KB: cannot fit in 64 KiB
         digest = file_digest(big_path)
-        rc, _, err = run_cli("recalibrate", big_path, "--data", data, "--batch-size", "8", "-o", small / "o.onnx")
+        rc, _, err = run_cli(
+            "recalibrate", big_path, "--data", data, "--batch-size", "8", "-o", small / "o.onnx"
+        )
         assert rc == 1 and "No space left on device" in err and "Traceback" not in err, err
         assert list(small.iterdir()) == []
         assert file_digest(big_path) == digest
     finally:
         with contextlib.suppress(Exception):
             subprocess.run(["umount", str(small)], check=False)
+
+
+@pytest.mark.parametrize("command", ["recalibrate", "apply"])
+def test_output_naming_the_input_is_refused(files, command):
+    # Found by hand: `-o model.onnx` on model.onnx silently overwrote the input.
+    model, data = files
+    folder = model.parent
+    if command == "apply":
+        rc, _, err = run_cli("collect", model, "--data", data, "--batch-size", "8", "-o", folder / "s.npz")
+        assert rc == 0, err
+        args = ["apply", model, folder / "s.npz"]
+    else:
+        args = ["recalibrate", model, "--data", data, "--batch-size", "8"]
+    before, digest = _listing(folder), file_digest(model)
+    rc, _, err = run_cli(*args, "-o", folder / "." / model.name)
+    _check_failure(rc, err, 1, "is the input model; use --in-place", folder, before, model, digest)
+
+
+def test_api_refuses_to_overwrite_input_without_in_place(files):
+    import onnx_tools as ot
+
+    model, data = files
+    digest = file_digest(model)
+    with pytest.raises(ot.OutputError, match="is the input model"):
+        ot.recalibrate(str(model), str(data), batch_size=8, output=str(model))
+    assert file_digest(model) == digest
