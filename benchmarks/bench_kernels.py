@@ -9,12 +9,15 @@ backward) it times, interleaved round by round so that machine noise hits all of
   with ``torch.set_num_threads(threads)``;
 * a plain ``x.copy()`` — the memory-bandwidth floor for an op that returns a new array.
 
-It reports medians and bnref/PyTorch ratios, the cost of ``PreciseBN.update`` and
-``Moments.merge`` (O(C)), and bnref's peak extra memory (tracemalloc) relative to the input,
-and writes everything with a machine description to ``benchmarks/results/kernels.json``.
+It reports medians and bnref/PyTorch ratios (and the best round, less sensitive to other load
+on a shared machine), the cost of ``PreciseBN.update`` and ``Moments.merge`` (O(C)), and
+bnref's peak extra memory (tracemalloc, plus the scratch its threads keep between calls)
+relative to the input, and writes everything with a machine description to
+``benchmarks/results/kernels.json``.
 
     python benchmarks/bench_kernels.py                # run (a few minutes), write the JSON
     python benchmarks/bench_kernels.py --quick        # fewer rounds
+    python benchmarks/bench_kernels.py --float32-forward  # the opt-in float32 forward path
     python benchmarks/bench_kernels.py --markdown     # render the README table from the JSON
 """
 
@@ -74,6 +77,8 @@ def machine() -> dict:
         "platform": platform.platform(),
         "bnref_threads": _kernels.num_threads(),
         "bnref_block_elems": _kernels._config["block_elems"],
+        "bnref_float32_forward": _kernels._config["float32_forward"],
+        "bnref_kept_scratch_bytes_per_thread": _kernels.scratch_nbytes_per_thread(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
@@ -134,6 +139,7 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int) -> dict:
         for k, fn in fns.items():
             times[k].append(_timer(fn))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    best = {k: min(v) * 1e3 for k, v in times.items()}
 
     # Peak extra memory of bnref (NumPy allocations are traced), relative to the input size.
     mem = {}
@@ -141,7 +147,9 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int) -> dict:
         tracemalloc.start()
         tracemalloc.reset_peak()
         fns[("bnref", op)]()
-        mem[op] = tracemalloc.get_traced_memory()[1] / x.nbytes
+        # Plus the scratch the kernel threads keep between calls (allocated before tracing).
+        kept = _kernels.scratch_nbytes_per_thread() * _kernels.num_threads()
+        mem[op] = (tracemalloc.get_traced_memory()[1] + kept) / x.nbytes
         tracemalloc.stop()
 
     row = {
@@ -154,10 +162,14 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int) -> dict:
     }
     for op in OPS:
         bn, th = med[("bnref", op)], med[("torch", op)]
+        bb, tb = best[("bnref", op)], best[("torch", op)]
         row["ops"][op] = {
             "bnref_ms": round(bn, 3),
             "torch_ms": round(th, 3),
             "ratio": round(bn / th, 3),
+            "bnref_best_ms": round(bb, 3),
+            "torch_best_ms": round(tb, 3),
+            "ratio_best": round(bb / tb, 3),
             "bnref_peak_mem_over_input": round(mem[op], 3),
         }
     bn_total = sum(med[("bnref", op)] for op in ("train_fwd", "train_bwd"))
@@ -195,7 +207,7 @@ def run(rounds: int, threads: int) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "rounds": rounds,
-        "statistic": "median over interleaved rounds",
+        "statistic": "median over interleaved rounds (ratio); best round also kept (ratio_best)",
         "results": [],
     }
     for name in CASES:
@@ -207,6 +219,7 @@ def run(rounds: int, threads: int) -> dict:
                 f"{name:24s} {row['dtype']:8s} copy {row['copy_ms']:7.2f} ms | "
                 + " | ".join(
                     f"{op} {o[op]['bnref_ms']:7.2f}/{o[op]['torch_ms']:7.2f} ms = {o[op]['ratio']:.2f}x"
+                    f" (best {o[op]['ratio_best']:.2f}x)"
                     for op in OPS
                 ),
                 flush=True,
@@ -226,11 +239,14 @@ def run(rounds: int, threads: int) -> dict:
 def markdown(data: dict) -> str:
     """The README table, from the JSON."""
     m = data["machine"]
+    load = m.get("load_average_at_start")
     lines = [
         f"Measured {data['date'][:10]} on {m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, "
         f"torch {m['torch']} ({m.get('torch_threads')} threads), bnref {m['bnref_threads']} "
         f"threads; median of {data['rounds']} interleaved rounds. Times in ms; ratio = "
-        "bnref / PyTorch (lower is better).",
+        "bnref / PyTorch (lower is better)."
+        + (f" Load average at start: {load[0]:.1f}." if load else "")
+        + (" bnref float32 forward path: on." if m.get("bnref_float32_forward") else ""),
         "",
         "| case | dtype | copy | train fwd | eval fwd | train bwd | fwd+bwd | target |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -265,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--markdown", action="store_true", help="print the table from --out and exit")
+    ap.add_argument(
+        "--float32-forward", action="store_true",
+        help="opt-in float32 forward path (<= 2 eps32 instead of the float64 answer rounded once)",
+    )
     args = ap.parse_args(argv)
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())))
         return 0
+    _kernels._config["float32_forward"] = args.float32_forward
     data = run(5 if args.quick else args.rounds, args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
