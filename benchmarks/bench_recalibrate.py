@@ -1,19 +1,25 @@
 """Benchmark bnref-onnx recalibration against plain inference, the naive route and fvcore.
 
-One run, one machine:
+One run, one machine, every route over the same batches; repetitions are interleaved (the
+order rotates each round) and medians reported, because the machine is shared and noisy:
 
-* ``plain``: onnxruntime inference of the exported model over the same batches (BN folded into
-  Conv by onnxruntime's optimizer: the hard floor);
-* ``collect``: the collection loop of ``bnref-onnx`` (training-mode rewrite, in-graph
+* ``plain``: onnxruntime inference of the exported model (same session options as the tool;
+  the optimizer folds BN into Conv: the hard floor);
+* ``plain_unfolded``: the same inference with every BN's mean/var fed as run-time inputs, so
+  nothing folds them (BN, its reorders out of the NCHWc layout and the unfused Relu/Add run as
+  in the collection model): separates the cost of losing the fold from the cost of statistics;
+* ``collect_graph``: only ``session.run`` of the collection model (the in-graph part);
+  ``collect``: the collection loop of ``bnref-onnx`` (training-mode rewrite, in-graph
   reduction, PreciseBN aggregation); ``recalibrate``: the whole job (load, rewrite, session,
   collect, apply, write);
 * ``naive``: every BN input returned as a graph output and reduced in NumPy (float64);
-* ``fvcore``: ``fvcore.nn.precise_bn.update_bn_stats`` on the PyTorch model (skipped when
-  torch or fvcore is missing), and ``torch_eval``: plain PyTorch inference for scale;
+* ``fvcore``: ``fvcore.nn.precise_bn.update_bn_stats`` on the PyTorch model in train mode
+  (skipped when torch or fvcore is missing), ``torch_update_bn``:
+  ``torch.optim.swa_utils.update_bn``, and ``torch_eval``: plain PyTorch inference for scale;
 * peak memory (RSS high-water mark and Python/NumPy allocations) as the calibration set grows.
 
-Usage: ``python benchmarks/bench_recalibrate.py [--samples 1024] [--batch-size 64]``. Writes
-``benchmarks/results/recalibrate.json``.
+Usage: ``python benchmarks/bench_recalibrate.py [--samples 1024] [--batch-size 64]`` writes
+``benchmarks/results/recalibrate.json``; ``--markdown`` prints the README table from it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -80,18 +87,59 @@ def export(net, path):
                           output_names=["logits"], dynamic_axes={"x": {0: "N"}})
 
 
-def timed(fn, repeat=3):
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def interleaved(runs: dict, rounds: int) -> tuple[dict, dict]:
+    """Median wall and process-CPU seconds per route; the route order rotates every round."""
+    names = list(runs)
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
+    for name in names:
+        runs[name]()  # warm-up
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            runs[name]()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {wall[k][-1]:.2f}" for k in names),
+              flush=True)
+    return ({k: statistics.median(v) for k, v in wall.items()},
+            {k: statistics.median(v) for k, v in cpu.items()})
+
+
+def _batches(x, b):
+    return [x[i:i + b] for i in range(0, len(x) // b * b, b)]
 
 
 def plain_inference(model_path, x, b):
     sess, _ = make_session(onnx.load(model_path), "cpu")
-    return lambda: [sess.run(None, {"x": x[i:i + b]}) for i in range(0, len(x) // b * b, b)]
+    return lambda: [sess.run(None, {"x": t}) for t in _batches(x, b)]
+
+
+def plain_unfolded(model_path, x, b):
+    """Inference with each BN's mean/var as run-time inputs: onnxruntime cannot fold them."""
+    from onnx import helper
+
+    model = onnx.load(model_path)
+    feeds = {}
+    for bn in find_batchnorms(model):
+        node = model.graph.node[bn.index]
+        for j, role in ((3, "mean"), (4, "var")):
+            name = f"bench_{role}_{bn.index}"
+            feeds[name] = np.asarray(bn.values[role], np.float32)
+            node.input[j] = name
+            model.graph.input.append(helper.make_tensor_value_info(name, 1, [len(feeds[name])]))
+    sess, _ = make_session(model, "cpu")
+    return lambda: [sess.run(None, {"x": t, **feeds}) for t in _batches(x, b)]
+
+
+def collect_graph(model_path, x, b):
+    """Only the collection model's session.run (no data layer, no aggregation)."""
+    from onnx_tools.rewrite import build_collection_model
+
+    cm = build_collection_model(onnx.load(model_path))
+    sess, _ = make_session(cm.model, "cpu")
+    names = cm.output_names
+    return lambda: [sess.run(names, {"x": t}) for t in _batches(x, b)]
 
 
 def naive_route(model_path, x, b):
@@ -111,8 +159,8 @@ def naive_route(model_path, x, b):
         import bnref
 
         aggs = [bnref.PreciseBN() for _ in taps]
-        for i in range(0, len(x) // b * b, b):
-            for agg, v in zip(aggs, sess.run(taps, {"x": x[i:i + b]}), strict=True):
+        for t in _batches(x, b):
+            for agg, v in zip(aggs, sess.run(taps, {"x": t}), strict=True):
                 axes = (0, *range(2, v.ndim))
                 mean = v.mean(axis=axes, dtype=np.float64)
                 shape = (1, -1) + (1,) * (v.ndim - 2)
@@ -133,9 +181,11 @@ def whole_recalibrate(model_path, x, b, out):
 
 
 def torch_runs(net, x, b):
+    import copy
+
     import torch
 
-    loader = [torch.from_numpy(x[i:i + b]) for i in range(0, len(x) // b * b, b)]
+    loader = [torch.from_numpy(t) for t in _batches(x, b)]
 
     def eval_forward():
         with torch.no_grad():
@@ -143,15 +193,20 @@ def torch_runs(net, x, b):
                 net(t)
 
     out = {"torch_eval": eval_forward}
+    # Precise BN needs the BN layers in training mode (fvcore leaves the mode to the caller).
+    train_net = copy.deepcopy(net).train()
+
+    def swa_update_bn():
+        torch.optim.swa_utils.update_bn(loader, train_net)
+
+    out["torch_update_bn"] = swa_update_bn
     try:
         from fvcore.nn.precise_bn import update_bn_stats
     except ImportError:
         return out
-    import copy
 
     def fv():
-        # fvcore only touches BN modules in training mode
-        update_bn_stats(copy.deepcopy(net).train(), loader, num_iters=len(loader))
+        update_bn_stats(train_net, loader, num_iters=len(loader))
 
     out["fvcore"] = fv
     return out
@@ -198,67 +253,136 @@ def memory_growth(model_path, sizes, b, tmp):
     return rows
 
 
+def _fastest_torch_threads(net) -> int:
+    import torch
+
+    x = torch.randn(256, 3, 32, 32)
+    best = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            net(x[:64])
+            t0 = time.perf_counter()
+            for i in range(0, len(x), 64):
+                net(x[i:i + 64])
+        best[threads] = time.perf_counter() - t0
+    return min(best, key=best.get)
+
+
+ROUTES = [
+    ("plain", "onnxruntime inference, BN folded into Conv (the floor)"),
+    ("plain_unfolded", "onnxruntime inference, BN mean/var as run-time inputs (no fold)"),
+    ("collect_graph", "collection model alone (`session.run`)"),
+    ("collect", "`onnx_tools.collect` (data, run, PreciseBN)"),
+    ("recalibrate", "whole `recalibrate` (load, rewrite, collect, apply, write)"),
+    ("naive", "BN inputs returned whole, reduced in NumPy"),
+    ("torch_eval", "PyTorch eval forward"),
+    ("fvcore", "fvcore `update_bn_stats` (PyTorch, train mode)"),
+    ("torch_update_bn", "`torch.optim.swa_utils.update_bn`"),
+]
+
+
+def markdown(data: dict) -> str:
+    """The README table, from the JSON."""
+    m = data["machine"]
+    wall, cpu = data["seconds"], data.get("cpu_seconds", {})
+    plain, unfolded = wall["plain"], wall.get("plain_unfolded")
+    lines = [
+        f"{data['model']['kind']} with {data['model']['batchnorms']} BN, {data['samples']} "
+        f"samples of {'x'.join(map(str, data['model']['input']))}, batch {data['batch_size']}, "
+        f"CPU ({m['cpus']} cores, onnxruntime {m['onnxruntime']}, torch threads "
+        f"{m.get('torch_threads')}); median of {data.get('rounds', '?')} interleaved rounds. "
+        "Ratios are wall time over plain inference (lower is better); CPU time (both threads "
+        "summed) in brackets.",
+        "",
+        "| route | seconds | × plain | × unfolded |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in ROUTES:
+        if key not in wall:
+            continue
+        cpu_ratio = (f" ({cpu[key] / cpu['plain']:.2f})" if key in cpu and "plain" in cpu
+                     else "")
+        unf = f"{wall[key] / unfolded:.2f}" if unfolded else ""
+        lines.append(f"| {label} | {wall[key]:.2f} | **{wall[key] / plain:.2f}**{cpu_ratio} "
+                     f"| {unf} |")
+    if "fvcore" in wall:
+        lines.append("")
+        lines.append(f"`recalibrate` takes {wall['recalibrate'] / wall['fvcore']:.2f}× the time "
+                     "of fvcore's `update_bn_stats` on the same batches.")
+    mem = data.get("memory", [])
+    if mem:
+        cells = ", ".join(
+            f"{r['samples']}: {r['python_peak_mb']:.1f} MB"
+            + (f" / {r['rss_hwm_mb']:.0f} MB" if r.get("rss_hwm_mb") else "") for r in mem)
+        lines.append(f"Memory while collecting from a streamed `.npy` (samples: Python peak / "
+                     f"RSS high-water): {cells}.")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads; 0 (default): whichever of 1 and all cores runs "
+                        "torch's eval forward faster right now (OpenMP threads collapse on a "
+                        "busy machine); onnxruntime uses one thread per physical core")
     parser.add_argument("--memory-sizes", default="512,2048,8192")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "recalibrate.json"))
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the README table from --out and exit")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     try:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
         net = build_torch_resnet()
+        torch.set_num_threads(args.threads or _fastest_torch_threads(net))
     except ImportError:
         sys.exit("this benchmark exports its model with torch (pip install torch==2.13.0)")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.samples, 3, 32, 32)).astype(np.float32)
     b = args.batch_size
-    results = {}
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / "resnet.onnx"
         export(net, model_path)
         num_bn = len(find_batchnorms(onnx.load(model_path)))
         runs = {
             "plain": plain_inference(model_path, x, b),
+            "plain_unfolded": plain_unfolded(model_path, x, b),
+            "collect_graph": collect_graph(model_path, x, b),
             "collect": collect_only(model_path, x, b),
             "recalibrate": whole_recalibrate(model_path, x, b, Path(tmp) / "out.onnx"),
             "naive": naive_route(model_path, x, b),
             **torch_runs(net, x, b),
         }
-        for name, fn in runs.items():
-            fn()  # warm-up
-            results[name] = timed(fn, args.repeat)
-            print(f"{name:12s} {results[name]:.3f} s", flush=True)
+        results, cpu = interleaved(runs, args.rounds)
         sizes = [int(s) for s in args.memory_sizes.split(",") if s]
         memory = memory_growth(model_path, sizes, b, tmp)
-    plain = results["plain"]
-    ratios = {k: v / plain for k, v in results.items()}
-    print(f"\n{num_bn} BN, {args.samples} samples of 3x32x32, batch {b}, CPU "
-          f"({os.cpu_count()} cores)")
-    print(f"{'route':12s} {'seconds':>8s} {'x plain':>8s}")
-    for k, v in results.items():
-        print(f"{k:12s} {v:8.3f} {ratios[k]:8.2f}")
-    if "fvcore" in results:
-        print(f"recalibrate vs fvcore: {results['recalibrate'] / results['fvcore']:.2f}x")
-    print("\nmemory while collecting (streamed .npy):")
-    for row in memory:
-        rss = "n/a" if row["rss_hwm_mb"] is None else f"{row['rss_hwm_mb']:.0f} MB"
-        print(f"  {row['samples']:6d} samples: python peak {row['python_peak_mb']:.1f} MB, "
-              f"RSS high-water {rss}")
     out = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "python": platform.python_version(), "onnx": onnx.__version__,
-                    "onnxruntime": __import__("onnxruntime").__version__},
-        "model": {"kind": "resnet-like CNN", "batchnorms": num_bn, "input": [3, 32, 32]},
-        "samples": args.samples, "batch_size": b, "provider": "cpu",
-        "seconds": results, "ratio_to_plain": ratios, "memory": memory,
+                    "onnxruntime": __import__("onnxruntime").__version__,
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "load_average_at_start": load},
+        "model": {"kind": "ResNet-like CNN", "batchnorms": num_bn, "input": [3, 32, 32]},
+        "samples": args.samples, "batch_size": b, "provider": "cpu", "rounds": args.rounds,
+        "seconds": results, "cpu_seconds": cpu,
+        "ratio_to_plain": {k: v / results["plain"] for k, v in results.items()},
+        "ratio_to_plain_unfolded": {k: v / results["plain_unfolded"] for k, v in results.items()},
+        "memory": memory,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print()
+    print(markdown(out))
+    print(f"\nwrote {args.out}")
 
 
 if __name__ == "__main__":

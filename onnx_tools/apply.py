@@ -113,7 +113,16 @@ def _write(
             f"the {role} of BatchNormalization {bn.label!r} is {src.kind} at run time "
             f"({src.storage!r}), not stored in the model: nothing to write it into"
         )
-    new = np.asarray(value).astype(old.dtype).reshape(old.shape)
+    value = np.asarray(value)
+    with np.errstate(over="ignore"):
+        new = value.astype(old.dtype).reshape(old.shape)
+    if np.issubdtype(old.dtype, np.floating) and not np.all(np.isfinite(new)) and np.all(np.isfinite(value)):
+        # float16 statistics overflow at 65504: writing inf would silently break the model.
+        raise ModelError(
+            f"the new {role} of BatchNormalization {bn.label!r} does not fit in the model's "
+            f"{old.dtype} (max |value| {float(np.max(np.abs(value))):.4g} > "
+            f"{float(np.finfo(old.dtype).max):.4g}); nothing written"
+        )
     graph = model.graph
     if not src.shared:
         if src.kind == "constant":

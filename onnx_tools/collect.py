@@ -1,9 +1,10 @@
 """Run the collection model with onnxruntime and aggregate per-batch BN statistics.
 
 Per batch and per selected BN the collection model returns the batch mean, the biased batch
-variance (both of length C) and the shape ``(N, C, S)`` of the reshaped BN input, so the
-number of values per channel is ``N * S``. Each becomes ``bnref.Moments.from_mean_var(mean,
-var, N * S, ddof=0)`` and feeds one ``bnref.PreciseBN`` per BN, which aggregates in float64.
+variance (both of length C) and the shape ``(N, C, *spatial)`` of the BN input, so the
+number of values per channel is ``n = N * prod(spatial)``. Each becomes
+``bnref.Moments.from_mean_var(mean, var, n, ddof=0)`` and feeds one ``bnref.PreciseBN`` per
+BN, which aggregates in float64.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def collect(
             for bn in cm.bns:
                 out = cm.outputs[bn.key]
                 shape = by_name[out.shape]
-                count = int(shape[0]) * int(shape[2])
+                count = int(np.prod(shape)) // int(shape[1])  # N * spatial
                 if count < 2:
                     raise DataError(
                         f"batch {index}: BatchNormalization {bn.label!r} sees {count} value per "
