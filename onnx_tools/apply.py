@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 import bnref
 from onnx_tools.errors import ModelError, StatsError
-from onnx_tools.graph import BatchNormInfo, TensorSource, find_batchnorms
+from onnx_tools.graph import BatchNormInfo, TensorSource, UniqueNamer, find_batchnorms
 from onnx_tools.modelio import LoadedModel, load_model
 from onnx_tools.report import DriftReport, bn_drift
 from onnx_tools.stats import CollectedStats, load_stats, model_fingerprint
@@ -55,23 +55,6 @@ class ApplyResult:
     written: list[str] = field(default_factory=list)
     added: list[str] = field(default_factory=list)
     loaded: LoadedModel | None = None
-
-
-class _Namer:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        g = model.graph
-        self.used = {t.name for t in g.initializer} | {i.name for i in g.input}
-        self.used |= {o.name for o in g.output} | {n.name for n in g.node}
-        for n in g.node:
-            self.used.update(n.input)
-            self.used.update(n.output)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
 
 
 def _set_constant(node: onnx.NodeProto, value: np.ndarray) -> None:
@@ -102,7 +85,7 @@ def _write(
     bn: BatchNormInfo,
     role: str,
     value: np.ndarray,
-    namer: _Namer,
+    namer: UniqueNamer,
     inserts: dict[int, list[onnx.NodeProto]],
 ) -> tuple[str | None, str | None]:
     """Write ``value`` as ``role`` of ``bn``; return ``(written_name, added_name)``."""
@@ -201,7 +184,7 @@ def apply_stats(
     out = onnx.ModelProto()
     out.CopyFrom(loaded.model)
     bns = {bn.key: bn for bn in find_batchnorms(out, loaded.base_dir)}
-    namer = _Namer(out)
+    namer = UniqueNamer(out)
     inserts: dict[int, list[onnx.NodeProto]] = {}
     rows = []
     written: list[str] = []

@@ -291,6 +291,33 @@ class GraphIndex:
         return None
 
 
+class UniqueNamer:
+    """Hands out names not used anywhere in ``model``'s main graph.
+
+    Names are ``base``, ``base_1``, ...; every name returned is reserved, so calls never collide.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+        graph = model.graph
+        for node in graph.node:
+            self.used.update(node.input)
+            self.used.update(node.output)
+            self.used.add(node.name)
+        self.used.update(t.name for t in graph.initializer)
+        self.used.update(v.name for v in graph.input)
+        self.used.update(v.name for v in graph.output)
+        self.used.update(v.name for v in graph.value_info)
+
+    def __call__(self, base: str) -> str:
+        """Return a fresh name starting with ``base`` and reserve it."""
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for attr in node.attribute:
         if attr.name == name:

@@ -56,6 +56,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_tools.errors import ModelError
 from onnx_tools.graph import (
     BatchNormInfo,
+    UniqueNamer,
     batchnorms_in_subgraphs,
     domain_opset,
     find_batchnorms,
@@ -130,28 +131,7 @@ def upgrade_old_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
-class _Namer:
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-        graph = model.graph
-        for node in graph.node:
-            self.used.update(node.input)
-            self.used.update(node.output)
-            self.used.add(node.name)
-        self.used.update(t.name for t in graph.initializer)
-        self.used.update(v.name for v in graph.input)
-        self.used.update(v.name for v in graph.output)
-        self.used.update(v.name for v in graph.value_info)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
-
-
-def _reduce(op: str, x: str, out: str, axes: list[int], opset: int, namer: _Namer,
+def _reduce(op: str, x: str, out: str, axes: list[int], opset: int, namer: UniqueNamer,
             inits: list[TensorProto], keepdims: int = 1) -> onnx.NodeProto:
     """Make a Reduce node; ``axes`` is an attribute before opset 18 (ReduceSum: 13)."""
     axes_as_input = opset >= (13 if op == "ReduceSum" else 18)
@@ -298,9 +278,9 @@ def _input_info(
 
 
 class _Emitter:
-    """Append nodes for one BN; every name comes from the model-wide :class:`_Namer`."""
+    """Append nodes for one BN; every name comes from the model-wide :class:`UniqueNamer`."""
 
-    def __init__(self, base: str, opset: int, namer: _Namer, inits: list[TensorProto]) -> None:
+    def __init__(self, base: str, opset: int, namer: UniqueNamer, inits: list[TensorProto]) -> None:
         self.base, self.opset, self.namer, self.inits = base, opset, namer, inits
         self.nodes: list[onnx.NodeProto] = []
 
@@ -402,7 +382,7 @@ def build_collection_model(
     out = onnx.ModelProto()
     out.CopyFrom(work)
     graph = out.graph
-    namer = _Namer(out)
+    namer = UniqueNamer(out)
     info = _input_info(out, bns)
     consumers = {n for node in graph.node for n in node.input}
     consumers |= {o.name for o in graph.output}
