@@ -68,6 +68,14 @@ class Tolerance:
         return self.k * self.eps
 
 
+class Mismatch(AssertionError):
+    """An ``AssertionError`` that also says which quantity differs (``.quantity``)."""
+
+    def __init__(self, message: str, quantity: str) -> None:
+        super().__init__(message)
+        self.quantity = quantity
+
+
 def assert_within(
     name: str,
     got: np.ndarray,
@@ -75,16 +83,20 @@ def assert_within(
     scale: np.ndarray,
     tol: Tolerance,
     axis: int | None = None,
+    *,
+    quantity: str | None = None,
 ) -> float:
     """Assert ``|got - want| <= tol.bound * scale`` elementwise; return the worst ratio.
 
-    The error message names the quantity, the worst element's index (and channel), both
-    values and the allowed error.
+    Raises :class:`Mismatch` (an ``AssertionError``) whose message names the quantity, the worst
+    element's index (and channel), both values and the allowed error, and whose ``quantity``
+    is ``quantity`` (default ``name``) for code that tallies failures.
     """
+    quantity = quantity or name
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
-        raise AssertionError(f"{name}: shape {got.shape}, expected {want.shape}")
+        raise Mismatch(f"{name}: shape {got.shape}, expected {want.shape}", quantity)
     err = np.abs(got - want)
     allowed = (
         tol.bound * np.broadcast_to(np.asarray(scale, dtype=np.float64), want.shape)
@@ -99,10 +111,11 @@ def assert_within(
         where = f"index {tuple(int(i) for i in idx)}"
         if axis is not None and len(idx) > axis:
             where += f" (channel {int(idx[axis])})"
-        raise AssertionError(
+        raise Mismatch(
             f"{name} differs from bnref at {where}: got {float(got[idx])!r}, expected "
             f"{float(want[idx])!r}, |error| {float(err[idx]):.3g} > allowed {float(allowed[idx]):.3g} "
-            f"(= {tol.k:g} x eps {tol.eps:.3g} x natural scale)"
+            f"(= {tol.k:g} x eps {tol.eps:.3g} x natural scale)",
+            quantity,
         )
     return worst
 
@@ -267,7 +280,13 @@ def check_case(
             momentum=mom,
         )
         worst["y_train"] = assert_within(
-            "y (training mode)", y, y_ref, output_scale(x_hat, scale64, bias64, ax), tol, ax
+            "y (training mode)",
+            y,
+            y_ref,
+            output_scale(x_hat, scale64, bias64, ax),
+            tol,
+            ax,
+            quantity="y_train",
         )
         worst["running_mean"] = assert_within(
             "running_mean",
@@ -303,7 +322,7 @@ def check_case(
             case.running_var.astype(np.float64).reshape(shp) + eps
         )
         worst["y_eval"] = assert_within(
-            "y (inference mode)", y, y_ev, output_scale(xh, scale64, bias64, ax), tol, ax
+            "y (inference mode)", y, y_ev, output_scale(xh, scale64, bias64, ax), tol, ax, quantity="y_eval"
         )
     if impl.backward is not None:
         dx, ds, db = impl.backward(case.x, case.scale, case.bias, case.dy, eps=eps, axis=case.axis)

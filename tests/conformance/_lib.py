@@ -19,7 +19,7 @@ import numpy as np
 
 import bnref
 from bnref.conventions import Convention
-from bnref.testing import BatchNormImpl, BNCase, Tolerance, assert_within, check_case
+from bnref.testing import BatchNormImpl, BNCase, Mismatch, Tolerance, assert_within, check_case
 
 #: Matrix columns, in order. ``running_k``: running statistics after several updates.
 QUANTITIES = (
@@ -129,8 +129,14 @@ class Matrix:
         key = f"{framework} | {api} | {dt}"
         row = self.rows.setdefault(
             key,
-            {"framework": framework, "api": api, "version": version, "dtype": dt, "cells": {},
-             "variants": []},
+            {
+                "framework": framework,
+                "api": api,
+                "version": version,
+                "dtype": dt,
+                "cells": {},
+                "variants": [],
+            },
         )
         cell = row["cells"].setdefault(
             quantity, {"ratio": 0.0, "rel": 0.0, "k": tol.k, "eps_dtype": tol.eps, "checks": 0}
@@ -165,7 +171,6 @@ class Matrix:
             f.write("\n")
 
 
-
 # -- comparisons ----------------------------------------------------------------------------------
 
 
@@ -186,27 +191,11 @@ def compare(
     tol = tol or Tolerance.for_dtype(case.x.dtype)
     try:
         ratios = check_case(impl, conv, case, tol, momentum)
-    except AssertionError as e:
-        q = _failed_quantity(str(e))
-        matrix.record(framework, api, version, case.x.dtype, q, np.inf, tol, variant)
+    except Mismatch as e:
+        matrix.record(framework, api, version, case.x.dtype, e.quantity, np.inf, tol, variant)
         raise
     matrix.record_all(framework, api, version, case.x.dtype, ratios, tol, variant)
     return ratios
-
-
-def _failed_quantity(msg: str) -> str:
-    for prefix, q in (
-        ("y (training", "y_train"),
-        ("y (inference", "y_eval"),
-        ("running_mean", "running_mean"),
-        ("running_var", "running_var"),
-        ("dx", "dx"),
-        ("dscale", "dscale"),
-        ("dbias", "dbias"),
-    ):
-        if msg.startswith(prefix):
-            return q
-    return "y_train"
 
 
 def check_updates(
@@ -270,10 +259,12 @@ def check_precise(
     tol = tol or Tolerance.for_dtype(dtype)
     mean, var = ref.mean, ref.var
     try:
-        rm = assert_within(f"{name}precise mean", got_mean, mean, np.abs(mean) + np.sqrt(var), tol)
-        rv = assert_within(f"{name}precise var", got_var, var, var + mean * mean, tol)
-    except AssertionError:
-        matrix.record(framework, api, version, dtype, "precise_var", np.inf, tol, variant)
+        rm = assert_within(
+            f"{name}precise mean", got_mean, mean, np.abs(mean) + np.sqrt(var), tol, quantity="precise_mean"
+        )
+        rv = assert_within(f"{name}precise var", got_var, var, var + mean * mean, tol, quantity="precise_var")
+    except Mismatch as e:
+        matrix.record(framework, api, version, dtype, e.quantity, np.inf, tol, variant)
         raise
     matrix.record(framework, api, version, dtype, "precise_mean", rm, tol, variant)
     matrix.record(framework, api, version, dtype, "precise_var", rv, tol, variant)
