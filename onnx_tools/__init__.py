@@ -45,7 +45,7 @@ from onnx_tools.errors import (
     StatsError,
 )
 from onnx_tools.graph import BatchNormInfo, find_batchnorms
-from onnx_tools.modelio import LoadedModel, load_model, write_model
+from onnx_tools.modelio import LoadedModel, check_output, load_model, write_model
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats, load_stats, merge_stats, save_stats
 
@@ -117,6 +117,8 @@ def recalibrate(
         if loaded.path is None:
             raise OutputError("in_place needs a model path")
         output = loaded.path
+    if output is not None:  # fail before collecting, not after
+        check_output(output, input_path=loaded.path, in_place=in_place)
     stats = collect(loaded, data, **collect_options)
     applied = apply_stats(loaded, stats, prior_strength=prior_strength)
     if output is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import signal
 import sys
@@ -18,12 +17,14 @@ import traceback
 from collections.abc import Sequence
 
 import bnref
+from onnx_tools import recalibrate
 from onnx_tools.apply import apply_stats
 from onnx_tools.collect import collect
 from onnx_tools.compare import compare_models
-from onnx_tools.errors import BnrefOnnxError, Interrupted, OutputError
+from onnx_tools.errors import BnrefOnnxError, Interrupted
 from onnx_tools.graph import EXPORT_ADVICE, batchnorms_in_subgraphs, find_batchnorms
-from onnx_tools.modelio import atomic_write_bytes, load_model, write_model
+from onnx_tools.modelio import atomic_write_bytes, check_output, load_model, write_model
+from onnx_tools.report import DriftReport
 from onnx_tools.stats import load_stats, merge_stats, save_stats
 
 PROG = "bnref-onnx"
@@ -193,30 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_writable(path: str | None, what: str) -> None:
-    """Fail before any work when an output cannot be written (so nothing is half-done)."""
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(folder):
-        raise OutputError(f"{what} folder does not exist: {folder}")
-    if os.path.isdir(path):
-        raise OutputError(f"{what} path is a directory: {path}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} folder is not writable: {folder}")
-    if os.path.exists(path) and not os.access(path, os.W_OK):
-        raise OutputError(f"{what} file is not writable: {path}")
-
-
-def _check_not_input(args: argparse.Namespace) -> None:
-    """``-o`` naming the input model itself would overwrite it: that is what --in-place is for."""
-    if not args.in_place and args.output is not None and os.path.exists(args.output):
-        if os.path.samefile(args.output, args.model):
-            raise OutputError(
-                f"output {args.output} is the input model; use --in-place to overwrite it"
-            )
-
-
 def _collect_kwargs(args: argparse.Namespace) -> dict:
     return {
         "batch_size": args.batch_size,
@@ -271,29 +248,36 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finish_apply(args: argparse.Namespace, result, in_place: bool) -> None:
-    out = result.loaded.path if in_place else args.output
-    write_model(result.model, out, like=result.loaded, in_place=in_place)
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before any work (so nothing is half-done) when an output cannot be written."""
+    if getattr(args, "in_place", False):
+        check_output(args.model, in_place=True)
+    else:
+        check_output(args.output, input_path=getattr(args, "model", None))
+    if getattr(args, "report", None):
+        check_output(args.report, what="report")
+
+
+def _finish(args: argparse.Namespace, report: DriftReport, out: str) -> None:
     if args.report:
-        atomic_write_bytes(result.report.to_json().encode("utf-8"), args.report)
+        atomic_write_bytes(report.to_json().encode("utf-8"), args.report)
     if not args.quiet:
-        _print(result.report.format_table(max_rows=40))
+        _print(report.format_table(max_rows=40))
         _print(f"wrote {out}")
 
 
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
-    _check_writable(args.output if not args.in_place else args.model, "output")
-    _check_not_input(args)
-    _check_writable(args.report, "report")
-    loaded = load_model(args.model)
-    stats = collect(loaded, args.data, **_collect_kwargs(args))
-    result = apply_stats(loaded, stats, prior_strength=args.prior_strength)
-    _finish_apply(args, result, args.in_place)
+    _check_outputs(args)
+    result = recalibrate(
+        args.model, args.data, output=None if args.in_place else args.output, in_place=args.in_place,
+        prior_strength=args.prior_strength, **_collect_kwargs(args),
+    )
+    _finish(args, result.report, args.model if args.in_place else args.output)
     return 0
 
 
 def _cmd_collect(args: argparse.Namespace) -> int:
-    _check_writable(args.output, "output")
+    _check_outputs(args)
     stats = collect(args.model, args.data, shard=args.shard, **_collect_kwargs(args))
     save_stats(stats, args.output)
     if not args.quiet:
@@ -304,7 +288,7 @@ def _cmd_collect(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    _check_writable(args.output, "output")
+    _check_outputs(args)
     merged = merge_stats([load_stats(p) for p in args.stats])
     save_stats(merged, args.output)
     if not args.quiet:
@@ -316,11 +300,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    _check_writable(args.output if not args.in_place else args.model, "output")
-    _check_not_input(args)
-    _check_writable(args.report, "report")
+    _check_outputs(args)
     result = apply_stats(args.model, args.stats, prior_strength=args.prior_strength)
-    _finish_apply(args, result, args.in_place)
+    out = result.loaded.path if args.in_place else args.output
+    write_model(result.model, out, like=result.loaded, in_place=args.in_place)
+    _finish(args, result.report, out)
     return 0
 
 

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 
 import bnref
-from onnx_tools.data import DataSource, ImageOptions, InputSpec, check_finite, open_data
-from onnx_tools.errors import DataError, ModelError
+from onnx_tools.data import DataSource, ImageOptions, InputSpec, open_data
+from onnx_tools.errors import DataError
 from onnx_tools.modelio import LoadedModel, load_model, make_session
 from onnx_tools.rewrite import build_collection_model
 from onnx_tools.stats import BNStats, CollectedStats, model_fingerprint
@@ -110,19 +110,12 @@ def collect(
             "batch statistics, and so the recalibrated model, will differ from training; "
             "use a larger --batch-size if memory allows", effective,
         )
-    total = None
-    n_avail = source.num_samples
-    if n_avail is not None:
-        n_use = min(n_avail, num_samples) if num_samples else n_avail
-        total = n_use // effective + (1 if keep_partial and n_use % effective else 0)
-        if shard is not None:
-            total = len(range(shard[0], total, shard[1]))
+    total = source.count_batches(batch_size, num_samples, keep_partial, shard)
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
     names = cm.output_names
     bar = _progress(total, progress)
     try:
         for index, feed in batches:
-            check_finite(feed, index)
             try:
                 results = session.run(names, feed)
             except Exception as exc:  # onnxruntime's own exception types
@@ -195,11 +188,3 @@ def collect(
         provider=used,
         notes=list(summary.get("notes", [])),
     )
-
-
-def check_model_has_bn(model: onnx.ModelProto) -> None:
-    """Raise :class:`ModelError` with export advice when ``model`` has no BN."""
-    from onnx_tools.graph import EXPORT_ADVICE, find_batchnorms
-
-    if not find_batchnorms(model):
-        raise ModelError(f"the model has no BatchNormalization node: {EXPORT_ADVICE}")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_tools.data import ImageOptions, InputSpec, check_finite, open_data
+from onnx_tools.data import ImageOptions, InputSpec, open_data
 from onnx_tools.errors import DataError
 from onnx_tools.modelio import LoadedModel, load_model, make_session
 
@@ -31,6 +31,8 @@ class Comparison:
     top1_agreement: float | None
     accuracy_a: float | None
     accuracy_b: float | None
+    nonfinite_a: int = 0  # NaN/Inf values in each model's output (max_abs_diff is then NaN)
+    nonfinite_b: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -39,6 +41,9 @@ class Comparison:
     def format(self) -> str:
         """Lines for the terminal."""
         lines = [f"samples: {self.num_samples}", f"max |A - B|: {self.max_abs_diff:.6g}"]
+        for name, bad in (("A", self.nonfinite_a), ("B", self.nonfinite_b)):
+            if bad:
+                lines.append(f"warning: model {name} produced {bad} NaN/Inf output value(s)")
         if self.top1_agreement is not None:
             lines.append(f"top-1 agreement: {self.top1_agreement:.2%}")
         if self.accuracy_a is not None:
@@ -88,17 +93,19 @@ def compare_models(
     max_diff = 0.0
     agree = 0
     correct_a = correct_b = 0
+    nonfinite_a = nonfinite_b = 0
     has_classes = True
-    for index, feed in source.batches(batch_size=batch_size, num_samples=num_samples,
+    for _index, feed in source.batches(batch_size=batch_size, num_samples=num_samples,
                                       keep_partial=True):
-        check_finite(feed, index)
         ya = sess_a.run([out_a], feed)[0]
         yb = sess_b.run([out_b], feed)[0]
         if ya.shape != yb.shape:
             raise DataError(f"outputs differ in shape: {ya.shape} vs {yb.shape}")
         rows = ya.shape[0] if ya.ndim else 1
-        if ya.size:
-            max_diff = max(max_diff, float(np.max(np.abs(ya.astype(np.float64) - yb))))
+        nonfinite_a += int(ya.size - np.count_nonzero(np.isfinite(ya)))
+        nonfinite_b += int(yb.size - np.count_nonzero(np.isfinite(yb)))
+        if ya.size:  # np.maximum propagates NaN: a broken output never reads as a match
+            max_diff = float(np.maximum(max_diff, np.max(np.abs(ya.astype(np.float64) - yb))))
         if ya.ndim >= 2 and ya.shape[1] > 1:
             pa, pb = np.argmax(ya, axis=1), np.argmax(yb, axis=1)
             agree += int(np.sum(np.all((pa == pb).reshape(rows, -1), axis=1)))
@@ -125,4 +132,6 @@ def compare_models(
         top1_agreement=agree / n if has_classes and n else None,
         accuracy_a=correct_a / n if label_arr is not None else None,
         accuracy_b=correct_b / n if label_arr is not None else None,
+        nonfinite_a=nonfinite_a,
+        nonfinite_b=nonfinite_b,
     )

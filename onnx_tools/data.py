@@ -37,7 +37,7 @@ else (integers or booleans into a float input, floats into an integer input, nar
 casts) is refused. Integer pixels belong in an image folder, which scales and normalizes them.
 
 Shapes: every static dimension after the batch dimension must match the model's declared input.
-NaN/Inf are not checked here: the collector calls :func:`check_finite` on each feed.
+Every batch is checked for NaN/Inf (:func:`check_finite`) before it is yielded.
 """
 
 from __future__ import annotations
@@ -430,6 +430,7 @@ class DataSource(abc.ABC):
     ) -> Iterator[tuple[int, Feed]]:
         acc = 0
         for index, feed in self._generate(size, num_samples, shuffle, seed, keep_partial, shard):
+            check_finite(feed, index)  # here, once, so no consumer can forget it
             acc ^= _batch_digest(index, feed)
             summary = self._summary
             summary["num_batches"] += 1

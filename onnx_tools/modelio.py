@@ -9,7 +9,6 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -41,11 +40,6 @@ class LoadedModel:
     base_dir: str | None = None
     external: set[str] = field(default_factory=set)
     locations: set[str] = field(default_factory=set)
-
-    @property
-    def uses_external_data(self) -> bool:
-        """True when the file on disk kept some tensors in external data files."""
-        return bool(self.external)
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> LoadedModel:
@@ -193,6 +187,39 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
+def check_output(
+    out: str | os.PathLike,
+    *,
+    what: str = "output",
+    input_path: str | os.PathLike | None = None,
+    in_place: bool = False,
+) -> str:
+    """Fail before any work when ``out`` cannot be written; return it as an absolute path.
+
+    Checks that its folder exists and is writable, that it is not a directory, and (unless
+    ``in_place``) that it is not the input model itself: writing there would modify the input.
+    """
+    out = os.path.abspath(os.fspath(out))
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise OutputError(f"{what} folder does not exist: {folder}")
+    if os.path.isdir(out):
+        raise OutputError(f"{what} path is a directory: {out}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} folder is not writable: {folder}")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise OutputError(f"{what} file is not writable: {out}")
+    if (
+        not in_place
+        and input_path is not None
+        and os.path.exists(out)
+        and os.path.exists(input_path)
+        and os.path.samefile(out, input_path)
+    ):
+        raise OutputError(f"{what} {out} is the input model; use --in-place (in_place=True) to overwrite it")
+    return out
+
+
 def write_model(
     model: onnx.ModelProto,
     out: str | os.PathLike,
@@ -208,15 +235,8 @@ def write_model(
     Everything is written into a temporary folder next to ``out``, checked, then renamed into
     place; on any error or interruption nothing is left behind.
     """
-    out = os.path.abspath(os.fspath(out))
+    out = check_output(out, input_path=like.path if like is not None else None, in_place=in_place)
     target_dir = os.path.dirname(out)
-    if not os.path.isdir(target_dir):
-        raise OutputError(f"output folder does not exist: {target_dir}")
-    if os.path.isdir(out):
-        raise OutputError(f"output path is a directory: {out}")
-    if not in_place and like is not None and like.path is not None and os.path.exists(out):
-        if os.path.samefile(out, like.path):
-            raise OutputError(f"output {out} is the input model; pass in_place=True to overwrite it")
     try:
         tmpdir = tempfile.mkdtemp(prefix=".bnref-onnx-", dir=target_dir)
     except OSError as exc:
@@ -261,10 +281,8 @@ def write_model(
 
 def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
     """Write bytes to ``out`` via a temporary file in the same folder and ``os.replace``."""
-    out = os.path.abspath(os.fspath(out))
+    out = check_output(out)
     target_dir = os.path.dirname(out)
-    if not os.path.isdir(target_dir):
-        raise OutputError(f"output folder does not exist: {target_dir}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".bnref-onnx-", dir=target_dir)
     except OSError as exc:
@@ -284,11 +302,3 @@ def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-
-
-def ensure_parent(path: str | os.PathLike) -> Path:
-    """Return ``path`` as a Path after checking its folder exists."""
-    p = Path(path)
-    if not p.parent.exists():
-        raise OutputError(f"output folder does not exist: {p.parent}")
-    return p

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -76,16 +76,15 @@ class StatOutputs:
 
 @dataclass
 class CollectionModel:
-    """The rewritten model and an explicit map from each added output to its BN.
+    """The rewritten model and an explicit map from each BN to the outputs added for it.
 
-    ``outputs`` maps BN key (output tensor name) to its :class:`StatOutputs`; ``owner`` maps
-    every added output name back to the BN key, so results are never paired by parsing names.
+    ``outputs`` maps BN key (output tensor name) to its :class:`StatOutputs`, so results are
+    never paired by parsing names.
     """
 
     model: onnx.ModelProto
     bns: list[BatchNormInfo]
     outputs: dict[str, StatOutputs]
-    owner: dict[str, str] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:
@@ -390,7 +389,6 @@ def build_collection_model(
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     inits: list[TensorProto] = []
     outputs: dict[str, StatOutputs] = {}
-    owner: dict[str, str] = {}
     ctypes: dict[str, int] = {}
     flat_const = namer("bnref_flat_shape")
     inits.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), flat_const))
@@ -468,8 +466,6 @@ def build_collection_model(
         stat = StatOutputs(mean, var, shape)
         ctypes[bn.key] = ctype
         outputs[bn.key] = stat
-        for name in (mean, var, shape):
-            owner[name] = bn.key
 
     rebuilt: list[onnx.NodeProto] = []
     for i, node in enumerate(graph.node):
@@ -491,7 +487,7 @@ def build_collection_model(
         # IR < 4 wants every initializer listed as a graph input; the collection model only
         # lives in memory, so declare the IR version that allows the added constants.
         out.ir_version = 4
-    return CollectionModel(out, bns, outputs, owner)
+    return CollectionModel(out, bns, outputs)
 
 
 EXPORT_ADVICE_SHORT = (

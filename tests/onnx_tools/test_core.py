@@ -263,6 +263,21 @@ def test_compare(tmp_path, cnn_files):
     assert res["accuracy_a"] == pytest.approx(np.mean(ya.argmax(1) == np.arange(40) % 5))
 
 
+def test_compare_never_reports_nan_outputs_as_a_match(tmp_path, cnn_files):
+    # Found in review: max(0.0, nan) kept 0.0, so a model emitting NaN compared as identical.
+    model_path, data_path = cnn_files
+    broken = onnx.load(model_path)
+    out_name = broken.graph.output[0].name
+    broken.graph.node.append(onnx.helper.make_node("Sqrt", [out_name], ["sqrt_out"], name="sqrt"))
+    broken.graph.output[0].name = "sqrt_out"
+    broken_path = tmp_path / "broken.onnx"
+    onnx.save(broken, broken_path)
+    res = ot.compare_models(model_path, broken_path, data_path, provider="cpu")
+    assert np.isnan(res.max_abs_diff)
+    assert res.nonfinite_a == 0 and res.nonfinite_b > 0
+    assert "model B produced" in res.format()
+
+
 def test_version_and_module_entry():
     import subprocess
     import sys
