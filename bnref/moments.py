@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnref._kernels import channel_stats
 from bnref._validation import check_array, check_nonneg_variance, normalize_axis
 
 
@@ -78,8 +79,6 @@ class Moments:
         The forward/backward kernels fold the residual into per-channel constants, so that
         float64 outputs stay within a few ulp even when |mean| >> std.
         """
-        from bnref._kernels import channel_stats  # local: keeps _kernels free of this module
-
         x = check_array(x)
         axis = normalize_axis(axis, x.ndim)
         count = x.size // x.shape[axis] if x.shape[axis] else 0

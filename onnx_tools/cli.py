@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 
 import bnref
-from onnx_tools import recalibrate
+from onnx_tools import modelio, recalibrate
 from onnx_tools.apply import apply_stats
 from onnx_tools.collect import collect
 from onnx_tools.compare import compare_models
@@ -335,7 +335,7 @@ class _Formatter(logging.Formatter):
 
 
 def _raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted(signum)
+    modelio.interrupt(signum)  # raises now, or right after a write's final renames
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,10 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except Interrupted as exc:
-        print(f"{PROG}: interrupted (signal {exc.signum}); nothing written", file=sys.stderr)
+        print(f"{PROG}: interrupted (signal {exc.signum}); no partial output left", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        print(f"{PROG}: interrupted; no partial output left", file=sys.stderr)
         return 130
     except BnrefOnnxError as exc:
         if args.debug:

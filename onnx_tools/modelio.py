@@ -7,14 +7,14 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from onnx_tools.errors import ModelError, OutputError, ProviderError
+from onnx_tools.errors import Interrupted, ModelError, OutputError, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,35 @@ def _short(exc: BaseException) -> str:
     return text if len(text) < 400 else text[:400] + "..."
 
 
+# Interrupts (SIGINT/SIGTERM through the CLI's handler) are deferred while a write is
+# between renames that must land together; see ``interrupt``.
+_hold_depth = 0
+_pending_signal: int | None = None
+
+
+def interrupt(signum: int) -> None:
+    """Raise :class:`Interrupted` now, or, inside a critical section, as soon as it ends."""
+    global _pending_signal
+    if _hold_depth:
+        _pending_signal = signum
+        return
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """A critical section: an ``interrupt`` arriving inside it is delivered on leaving it."""
+    global _hold_depth, _pending_signal
+    _hold_depth += 1
+    try:
+        yield
+    finally:
+        _hold_depth -= 1
+        if not _hold_depth and _pending_signal is not None:
+            signum, _pending_signal = _pending_signal, None
+            raise Interrupted(signum)
+
+
 def check_output(
     out: str | os.PathLike,
     *,
@@ -269,12 +298,16 @@ def write_model(
             raise ModelError(f"the written model fails the onnx checker: {_short(exc)}") from exc
         if before_replace is not None:
             before_replace(out)
-        if location is not None and os.path.exists(os.path.join(tmpdir, location)):
-            os.replace(os.path.join(tmpdir, location), os.path.join(target_dir, location))
-        try:
-            os.replace(tmp_model, out)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
+        # The data file and the model must land together: an interrupt between the two
+        # renames would pair the old model with the new data file (--in-place). An interrupt
+        # arriving here is delivered right after both.
+        with _signals_held():
+            if location is not None and os.path.exists(os.path.join(tmpdir, location)):
+                os.replace(os.path.join(tmpdir, location), os.path.join(target_dir, location))
+            try:
+                os.replace(tmp_model, out)
+            except OSError as exc:
+                raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -228,3 +228,37 @@ def test_api_refuses_to_overwrite_input_without_in_place(files):
     with pytest.raises(ot.OutputError, match="is the input model"):
         ot.recalibrate(str(model), str(data), batch_size=8, output=str(model))
     assert file_digest(model) == digest
+
+
+def test_signal_between_data_and_model_rename_is_held(tmp_path, monkeypatch):
+    # --in-place with external data renames two files; an interrupt between them would pair the
+    # old model with the new data. The signal is held until both are in place.
+    model_path = tmp_path / "ext.onnx"
+    onnx.save(
+        cnn_model(),
+        model_path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    data = tmp_path / "calib.npy"
+    np.save(data, cnn_data(n=16))
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_signal(src, dst):
+        calls.append(os.path.basename(dst))
+        if len(calls) == 1:  # the data file: a Ctrl-C arrives right here
+            os.kill(os.getpid(), signal.SIGINT)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(modelio.os, "replace", replace_then_signal)
+    rc, _, err = run_cli("recalibrate", model_path, "--data", data, "--batch-size", "8", "--in-place")
+    assert rc == 130 and "interrupted" in err
+    assert calls == ["ext.onnx.data", "ext.onnx"]  # both renames happened before the interrupt
+    monkeypatch.setattr(modelio.os, "replace", real_replace)
+    written = onnx.load(model_path)  # model and data file agree
+    onnx.checker.check_model(written)
+    assert any(p.key.startswith("bnref") for p in written.metadata_props)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.npy", "ext.onnx", "ext.onnx.data"]
