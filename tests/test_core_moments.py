@@ -113,24 +113,24 @@ def test_from_mean_var_round_trip():
 
 def test_arrays_are_read_only():
     m = bnref.Moments.from_array(np.ones((2, 3)))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         m.mean[0] = 1.0
 
 
 @pytest.mark.parametrize(
-    ("call", "match"),
+    ("call", "match", "exc"),
     [
-        (lambda: bnref.Moments.from_array(np.ones(3)), "rank >= 2"),
-        (lambda: bnref.Moments.from_array(np.ones((0, 3))), "no values per channel"),
-        (lambda: bnref.Moments.from_array(np.ones((2, 3)), axis=2), "axis=2 is out of range"),
-        (lambda: bnref.Moments.from_array(np.ones((2, 3), dtype=np.int32)), "floating-point"),
-        (lambda: bnref.Moments.from_mean_var([0.0], [-1.0], 5), "var must be >= 0"),
-        (lambda: bnref.Moments.from_mean_var([0.0, 1.0], [1.0], 5), "same shape"),
-        (lambda: bnref.Moments.from_mean_var([0.0], [1.0], 1, ddof=1), "count must be > ddof"),
-        (lambda: bnref.Moments.from_array(np.ones((1, 3))).var(1), "one value per channel"),
-        (lambda: bnref.Moments.empty(2).merge(bnref.Moments.empty(3)), "2 and 3 channels"),
+        (lambda: bnref.Moments.from_array(np.ones(3)), "rank >= 2", ValueError),
+        (lambda: bnref.Moments.from_array(np.ones((0, 3))), "no values per channel", ValueError),
+        (lambda: bnref.Moments.from_array(np.ones((2, 3)), axis=2), "axis=2 is out of range", ValueError),
+        (lambda: bnref.Moments.from_array(np.ones((2, 3), dtype=np.int32)), "floating-point", TypeError),
+        (lambda: bnref.Moments.from_mean_var([0.0], [-1.0], 5), "var must be >= 0", ValueError),
+        (lambda: bnref.Moments.from_mean_var([0.0, 1.0], [1.0], 5), "same shape", ValueError),
+        (lambda: bnref.Moments.from_mean_var([0.0], [1.0], 1, ddof=1), "count must be > ddof", ValueError),
+        (lambda: bnref.Moments.from_array(np.ones((1, 3))).var(1), "one value per channel", ValueError),
+        (lambda: bnref.Moments.empty(2).merge(bnref.Moments.empty(3)), "2 and 3 channels", ValueError),
     ],
 )
-def test_bad_input_names_the_problem(call, match):
-    with pytest.raises((ValueError, TypeError), match=match):
+def test_bad_input_names_the_problem(call, match, exc):
+    with pytest.raises(exc, match=match):
         call()

@@ -1,8 +1,9 @@
-"""The oracle against ONNX's own definition: backend test cases, the reference evaluator and
-onnxruntime on random BatchNormalization nodes (inference mode, and training mode where the
-runtime is correct)."""
+"""The oracle against ONNX's own definition on random BatchNormalization nodes: the reference
+evaluator and onnxruntime (inference mode, and training mode where the runtime is correct).
 
-import warnings
+ONNX's own backend test cases are checked in ``tests/conformance/test_onnx.py`` (no framework
+needed), which also records them in the conformance matrix.
+"""
 
 import numpy as np
 import pytest
@@ -16,53 +17,6 @@ from bnref.testing import bn_cases, shapes_and_axes
 onnx = pytest.importorskip("onnx")
 from onnx import helper  # noqa: E402
 from onnx.reference import ReferenceEvaluator  # noqa: E402
-
-
-def _backend_cases():
-    from onnx.backend.test.case.node import collect_testcases
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return collect_testcases(op_type="BatchNormalization")
-
-
-BACKEND = _backend_cases()
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-@pytest.mark.parametrize("case", BACKEND, ids=lambda c: c.name)
-def test_onnx_backend_cases(case):
-    node = case.model.graph.node[0]
-    eps = _attr(node, "epsilon", 1e-5)
-    momentum = _attr(node, "momentum", 0.9)
-    training = _attr(node, "training_mode", 0)
-    inputs, outputs = case.data_sets[0]
-    x, s, b, mean, var = (np.asarray(a) for a in inputs)
-    if training:
-        y, cache = bnref.batch_norm_train(x, s, b, eps=eps)
-        rm, rv = ONNX.update(mean, var, cache.moments, momentum=momentum)
-        got = [y, rm, rv]
-    else:
-        got = [bnref.batch_norm_eval(x, s, b, mean, var, eps=eps)]
-    assert len(got) == len(outputs)
-    for g, want in zip(got, outputs, strict=True):
-        # The expected data were computed in float32 by numpy; compare at float32 precision.
-        np.testing.assert_allclose(g, want, rtol=2e-6, atol=2e-6)
-
-
-def test_backend_cases_are_all_present():
-    names = {c.name for c in BACKEND}
-    assert {
-        "test_batchnorm_example",
-        "test_batchnorm_epsilon",
-        "test_batchnorm_example_training_mode",
-    } <= names
 
 
 def _bn_model(shape, training, eps, momentum, opset=15, dtype=onnx.TensorProto.FLOAT):

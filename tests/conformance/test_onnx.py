@@ -131,7 +131,9 @@ def _check_outputs(matrix, framework, api, version, got, want, inputs, attrs, ca
 def test_backend_case_expectations(matrix):
     """bnref reproduces every expected output ONNX ships for BatchNormalization, and each case's
     epsilon matters (the expectation would differ with the default eps)."""
-    for case in _backend_cases():
+    cases = _backend_cases()
+    assert cases, "no BatchNormalization backend cases found"
+    for case in cases:
         attrs = _attrs(case)
         for inputs, outputs in case.data_sets:
             want, cache = _bnref_outputs(inputs, attrs)
@@ -147,7 +149,9 @@ def test_backend_case_models(matrix, runner):
     """The backend cases' own models, run by onnx.reference and by onnxruntime."""
     if runner == "onnxruntime":
         ort = pytest.importorskip("onnxruntime")
-    for case in _backend_cases():
+    cases = _backend_cases()
+    assert cases, "no BatchNormalization backend cases found"
+    for case in cases:
         attrs = _attrs(case)
         feeds = dict(zip([i.name for i in case.model.graph.input], case.data_sets[0][0], strict=True))
         if runner == "reference":

@@ -150,6 +150,34 @@ def file_digest(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def listing(folder: str | os.PathLike) -> list[str]:
+    """Every path below ``folder`` (recursive): a leftover temporary file anywhere shows up."""
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def assert_clean_failure(rc, err, code, needle, folder, before, model=None, digest=None) -> None:
+    """The promises on any failure: exit ``code``, exactly one error (or interrupt) line
+    containing ``needle``, no traceback, nothing left in ``folder``, the input model unchanged."""
+    assert rc == code, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("bnref-onnx: error", "bnref-onnx: interrupted"))]
+    assert len(lines) == 1, err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+    assert listing(folder) == before, "partial output or temporary files left behind"
+    if model is not None:
+        assert file_digest(model) == digest, "input model modified"
+
+
+def write_cnn_files(folder: Path, n: int = 40) -> tuple[Path, Path]:
+    """A CNN model file and a calibration .npy in ``folder``."""
+    model_path = folder / "model.onnx"
+    onnx.save(cnn_model(), model_path)
+    data_path = folder / "calib.npy"
+    np.save(data_path, cnn_data(n=n))
+    return model_path, data_path
+
+
 def run_cli(*args: str) -> tuple[int, str, str]:
     """Run ``bnref-onnx`` in-process; return (exit status, stdout, stderr)."""
     from onnx_tools.cli import main

@@ -11,29 +11,18 @@ import onnx
 import pytest
 
 from onnx_tools import modelio
-from tests.onnx_tools.helpers import cnn_data, file_digest, run_cli
+from tests.onnx_tools.helpers import assert_clean_failure, cnn_data, file_digest, listing, run_cli
 
 # ``onnx_tools.collect`` the attribute is the function; the hooks live in the module.
 collect_mod = importlib.import_module("onnx_tools.collect")
 
 
-def _listing(folder):
-    return sorted(p.name for p in folder.iterdir())
-
-
 def _expect_error(tmp_path, model_path, args, needle, code=1):
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     digest = file_digest(model_path) if os.path.isfile(model_path) else None
     out = tmp_path / "out.onnx"
-    rc, stdout, err = run_cli(*args, "-o", out) if "-o" not in args else run_cli(*args)
-    assert rc == code, err
-    assert needle in err, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.startswith("bnref-onnx: error")]
-    assert len(lines) == 1
-    assert _listing(tmp_path) == before  # nothing written, no temp files
-    if digest:
-        assert file_digest(model_path) == digest
+    rc, _, err = run_cli(*args, "-o", out) if "-o" not in args else run_cli(*args)
+    assert_clean_failure(rc, err, code, needle, tmp_path, before, model_path if digest else None, digest)
 
 
 def test_nan_in_data_names_the_batch(tmp_path, cnn_files):
@@ -153,12 +142,14 @@ def test_provider_cuda_without_cuda(tmp_path, cnn_files):
 
 def test_usage_errors_exit_2(tmp_path, cnn_files):
     model, data = cnn_files
+    before = listing(tmp_path)
+    x, s = tmp_path / "x", tmp_path / "s.npz"
     assert run_cli("recalibrate", model, "--data", data)[0] == 2  # no --output/--in-place
-    assert run_cli("recalibrate", model, "--data", data, "-o", "x", "--in-place")[0] == 2
-    assert run_cli("collect", model, "--data", data, "-o", "s.npz", "--shard", "3/2")[0] == 2
-    assert run_cli("recalibrate", model, "--data", data, "-o", "x", "--batch-size", "0")[0] == 2
+    assert run_cli("recalibrate", model, "--data", data, "-o", x, "--in-place")[0] == 2
+    assert run_cli("collect", model, "--data", data, "-o", s, "--shard", "3/2")[0] == 2
+    assert run_cli("recalibrate", model, "--data", data, "-o", x, "--batch-size", "0")[0] == 2
     assert run_cli("frobnicate")[0] == 2
-    assert not (tmp_path / "x").exists()
+    assert listing(tmp_path) == before
 
 
 def test_debug_shows_traceback(tmp_path, cnn_files):
@@ -193,13 +184,14 @@ def test_signal_between_batches(tmp_path, cnn_files, monkeypatch, sig, code):
             os.kill(os.getpid(), sig)
 
     monkeypatch.setattr(collect_mod, "between_batches", hook)
-    before = _listing(tmp_path)
+    handlers = {sg: signal.getsignal(sg) for sg in (signal.SIGINT, signal.SIGTERM)}
+    before = listing(tmp_path)
     rc, _, err = run_cli("recalibrate", model, "--data", data, "-o", tmp_path / "o.onnx",
                          "--batch-size", "8")
     assert rc == code and "interrupted" in err
     assert calls == [0, 1]
-    assert _listing(tmp_path) == before
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert listing(tmp_path) == before
+    assert {sg: signal.getsignal(sg) for sg in handlers} == handlers  # both handlers restored
 
 
 @pytest.mark.parametrize("command", ["recalibrate", "in-place", "collect"])
@@ -214,7 +206,7 @@ def test_interrupt_just_before_rename_leaves_nothing(tmp_path, cnn_files, monkey
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(modelio, "before_replace", hook)
-    before = _listing(tmp_path)
+    before = listing(tmp_path)
     if command == "collect":
         args = ["collect", model, "--data", data, "-o", tmp_path / "s.npz"]
     elif command == "in-place":
@@ -223,5 +215,5 @@ def test_interrupt_just_before_rename_leaves_nothing(tmp_path, cnn_files, monkey
         args = ["recalibrate", model, "--data", data, "-o", tmp_path / "o.onnx"]
     rc, _, _ = run_cli(*args, "--batch-size", "8")
     assert rc == 130 and seen
-    assert _listing(tmp_path) == before
+    assert listing(tmp_path) == before
     assert file_digest(model) == digest

@@ -285,10 +285,12 @@ def test_batch_of_one_after_fully_connected_is_refused():
         ot.collect(_fc_model(), x, batch_size=1, provider="cpu")
 
 
-def test_batch_of_one_image_is_allowed():
+def test_batch_of_one_image_is_allowed(caplog):
     """One image still has H*W values per channel: allowed (with the small-batch warning)."""
     x = np.random.default_rng(0).normal(size=(3, 2, 4, 4)).astype(np.float32)
-    stats = ot.collect(bn_model(["N", 2, 4, 4]), x, batch_size=1, provider="cpu")
+    with caplog.at_level("WARNING", logger="onnx_tools.collect"):
+        stats = ot.collect(bn_model(["N", 2, 4, 4]), x, batch_size=1, provider="cpu")
+    assert "batch size 1 is far below" in caplog.text
     bn = next(iter(stats.bns.values())).precise
     want_mean, want_var = reference(x)
     np.testing.assert_allclose(bn.mean, want_mean, rtol=1e-6)

@@ -138,9 +138,14 @@ def test_identity_chain_unshared_root_is_written():
     f = np.float32
     model = make_model(text, {"w1": cnn_initializers()["w1"], "s1": np.ones(4, f),
                               "o1": np.zeros(4, f), "mm": np.zeros(4, f), "vv": np.ones(4, f)})
-    out = _recal(model, cnn_data())
-    assert len(out.graph.initializer) == 5
+    x = cnn_data()
+    out = _recal(model, x)
+    assert len(out.graph.initializer) == 5  # written into the root, no new tensor
     assert out.graph.node == model.graph.node
+    stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(stored["s1"], np.ones(4))  # scale and bias untouched
+    np.testing.assert_array_equal(stored["o1"], np.zeros(4))
+    assert_stats_close(out, reference_collect(model, x, 8), {"x": x[:2]})
 
 
 SHARED_TEXT = """
@@ -197,6 +202,7 @@ def test_ir3_graph_input_defaults():
     p = reference_collect(model, x, 8, input_name="x")["y"]
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_allclose(stored["v1"], p.var, rtol=2e-5)
+    np.testing.assert_allclose(stored["m1"], p.mean, rtol=0, atol=2e-5 * np.sqrt(p.var).max())
 
 
 def test_ir3_shared_tensor_gets_a_constant_node():
@@ -212,13 +218,16 @@ def test_ir3_shared_tensor_gets_a_constant_node():
     model = make_model(text, inits)
     model.graph.input[3].CopyFrom(helper.make_tensor_value_info("w1", 1, [4, 3, 3, 3]))
     onnx.checker.check_model(model)
-    out = _recal(model, cnn_data())
+    x = cnn_data()
+    out = _recal(model, x)
     onnx.checker.check_model(out)
     assert out.graph.input == model.graph.input
     assert [n.op_type for n in out.graph.node] == ["Conv", "Constant", "Constant",
                                                    "BatchNormalization"]
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_array_equal(stored["s1"], np.ones(4))
+    np.testing.assert_array_equal(stored["o1"], np.zeros(4))
+    assert_stats_close(out, reference_collect(model, x, 8), {"x": x[:2]})  # the new Constants
 
 
 @pytest.mark.parametrize("rank", [2, 3, 4, 5])
@@ -235,7 +244,7 @@ def test_ranks(rank):
     model = make_model(text, {"s": np.full(3, 2, f), "o": np.ones(3, f), "m": np.zeros(3, f),
                               "v": np.ones(3, f)})
     rng = np.random.default_rng(rank)
-    x = (rng.normal(size=(24, 3, *spatial)) * [1, 2, 3][:3].__getitem__(0) + 5).astype(f)
+    x = (rng.normal(size=(24, 3, *spatial)) + 5).astype(f)
     x[:, 1] *= 3
     out = _recal(model, x, batch_size=8)
     p = bnref_stats(x, 8)
@@ -270,6 +279,7 @@ def test_channels_last_transpose():
     p = bnref_stats(x.transpose(0, 3, 1, 2), 8)
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_allclose(stored["v"], p.var, rtol=1e-5)
+    np.testing.assert_allclose(stored["m"], p.mean, rtol=0, atol=1e-5 * np.sqrt(p.var).max())
 
 
 def test_float16_model():
@@ -385,6 +395,7 @@ def test_custom_domain_operator():
     p = reference_collect(ref_model, gelu.astype(np.float32), 8)["y"]
     stored = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     np.testing.assert_allclose(stored["v1"], p.var, rtol=1e-4)
+    np.testing.assert_allclose(stored["m1"], p.mean, rtol=0, atol=1e-4 * np.sqrt(p.var).max())
 
 
 def test_bn_inside_if_body_is_a_clear_error(tmp_path):

@@ -3,8 +3,9 @@
 Each case checks the same four promises: a one-line error naming the problem, a non-zero exit,
 no partial output (the folder listing is unchanged, no temporary files), and the input model
 byte-for-byte untouched. Faults come through injection points and patched I/O, never timing.
-(``tests/onnx_tools/test_errors.py`` covers bad data, bad models, signals between batches and
-just before the final rename; this file covers faults while bytes are being written.)
+(``tests/onnx_tools/test_errors.py`` covers bad data, bad models, a reader failing halfway,
+signals between batches and just before the final rename; this file covers faults while bytes
+are being written.)
 """
 
 from __future__ import annotations
@@ -22,29 +23,20 @@ import onnx
 import pytest
 
 from onnx_tools import modelio
-from tests.onnx_tools.helpers import cnn_data, cnn_model, file_digest, run_cli
+from tests.onnx_tools.helpers import (
+    assert_clean_failure,
+    cnn_data,
+    cnn_model,
+    file_digest,
+    listing,
+    run_cli,
+    write_cnn_files,
+)
 
 
 @pytest.fixture
 def files(tmp_path):
-    model = tmp_path / "model.onnx"
-    onnx.save(cnn_model(), model)
-    data = tmp_path / "calib.npy"
-    np.save(data, cnn_data(n=32))
-    return model, data
-
-
-def _listing(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
-
-
-def _check_failure(rc, err, code, needle, folder, before, model, digest):
-    assert rc == code, err
-    assert needle in err, err
-    assert "Traceback" not in err
-    assert len([ln for ln in err.splitlines() if ln.startswith("bnref-onnx: ")]) >= 1
-    assert _listing(folder) == before, "partial output or temporary files left behind"
-    assert file_digest(model) == digest, "input model modified"
+    return write_cnn_files(tmp_path, n=32)
 
 
 def _half_write_then(action):
@@ -71,17 +63,17 @@ def _raise_oserror(code):
 def test_disk_full_while_writing_model(files, monkeypatch, command):
     model, data = files
     folder = model.parent
-    before, digest = _listing(folder), file_digest(model)
+    before, digest = listing(folder), file_digest(model)
     monkeypatch.setattr(onnx, "save_model", _half_write_then(_raise_oserror(errno.ENOSPC)))
     out = ["--in-place"] if command == "in-place" else ["-o", folder / "out.onnx"]
     rc, _, err = run_cli("recalibrate", model, "--data", data, "--batch-size", "8", *out)
-    _check_failure(rc, err, 1, "No space left on device", folder, before, model, digest)
+    assert_clean_failure(rc, err, 1, "No space left on device", folder, before, model, digest)
 
 
 def test_disk_full_while_writing_stats(files, monkeypatch):
     model, data = files
     folder = model.parent
-    before, digest = _listing(folder), file_digest(model)
+    before, digest = listing(folder), file_digest(model)
     real_fdopen = os.fdopen
 
     class FullFile:
@@ -100,24 +92,24 @@ def test_disk_full_while_writing_stats(files, monkeypatch):
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullFile(real_fdopen(fd, mode, *a, **k)))
     rc, _, err = run_cli("collect", model, "--data", data, "--batch-size", "8", "-o", folder / "s.npz")
-    _check_failure(rc, err, 1, "No space left on device", folder, before, model, digest)
+    assert_clean_failure(rc, err, 1, "No space left on device", folder, before, model, digest)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_while_writing_model(files, monkeypatch, sig, code):
     model, data = files
     folder = model.parent
-    before, digest = _listing(folder), file_digest(model)
+    before, digest = listing(folder), file_digest(model)
     monkeypatch.setattr(onnx, "save_model", _half_write_then(lambda: os.kill(os.getpid(), sig)))
     rc, _, err = run_cli("recalibrate", model, "--data", data, "--batch-size", "8", "-o", folder / "o.onnx")
-    _check_failure(rc, err, code, "interrupted", folder, before, model, digest)
+    assert_clean_failure(rc, err, code, "interrupted", folder, before, model, digest)
 
 
 def test_output_folder_not_writable(files, monkeypatch):
     # As root, permission bits do not stop a write; inject the EACCES the OS would raise.
     model, data = files
     folder = model.parent
-    before, digest = _listing(folder), file_digest(model)
+    before, digest = listing(folder), file_digest(model)
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
@@ -126,26 +118,7 @@ def test_output_folder_not_writable(files, monkeypatch):
     monkeypatch.setattr(modelio.tempfile, "mkstemp", denied)
     for args in (["recalibrate", "-o", folder / "o.onnx"], ["collect", "-o", folder / "s.npz"]):
         rc, _, err = run_cli(args[0], model, "--data", data, "--batch-size", "8", *args[1:])
-        _check_failure(rc, err, 1, "Permission denied", folder, before, model, digest)
-
-
-def test_reader_raises_halfway(files, tmp_path):
-    model, _ = files
-    reader = tmp_path / "halfway_reader.py"
-    reader.write_text(
-        "import numpy as np\n"
-        "def batches():\n"
-        "    rng = np.random.default_rng(0)\n"
-        "    for i in range(6):\n"
-        "        if i == 3:\n"
-        "            raise IOError('camera disconnected')\n"
-        "        yield {'x': rng.normal(size=(8, 3, 6, 6)).astype(np.float32)}\n"
-    )
-    before, digest = _listing(tmp_path), file_digest(model)
-    rc, _, err = run_cli(
-        "recalibrate", model, "--data", f"{reader}:batches", "--batch-size", "8", "-o", tmp_path / "o.onnx"
-    )
-    _check_failure(rc, err, 1, "camera disconnected", tmp_path, before, model, digest)
+        assert_clean_failure(rc, err, 1, "Permission denied", folder, before, model, digest)
 
 
 def test_corrupt_external_data_file(tmp_path):
@@ -162,11 +135,11 @@ def test_corrupt_external_data_file(tmp_path):
     np.save(data, cnn_data(n=16))
     ext = tmp_path / "ext.onnx.data"
     ext.write_bytes(ext.read_bytes()[:100])  # truncated: offsets point past the end
-    before, digest, ext_digest = _listing(tmp_path), file_digest(model_path), file_digest(ext)
+    before, digest, ext_digest = listing(tmp_path), file_digest(model_path), file_digest(ext)
     rc, _, err = run_cli(
         "recalibrate", model_path, "--data", data, "--batch-size", "8", "-o", tmp_path / "o.onnx"
     )
-    _check_failure(rc, err, 1, "ext.onnx", tmp_path, before, model_path, digest)
+    assert_clean_failure(rc, err, 1, "ext.onnx", tmp_path, before, model_path, digest)
     assert file_digest(ext) == ext_digest
 
 
@@ -215,9 +188,9 @@ def test_output_naming_the_input_is_refused(files, command):
         args = ["apply", model, folder / "s.npz"]
     else:
         args = ["recalibrate", model, "--data", data, "--batch-size", "8"]
-    before, digest = _listing(folder), file_digest(model)
+    before, digest = listing(folder), file_digest(model)
     rc, _, err = run_cli(*args, "-o", folder / "." / model.name)
-    _check_failure(rc, err, 1, "is the input model; use --in-place", folder, before, model, digest)
+    assert_clean_failure(rc, err, 1, "is the input model; use --in-place", folder, before, model, digest)
 
 
 def test_api_refuses_to_overwrite_input_without_in_place(files):
