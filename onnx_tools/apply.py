@@ -87,6 +87,7 @@ def _write(
     value: np.ndarray,
     namer: UniqueNamer,
     inserts: dict[int, list[onnx.NodeProto]],
+    initializers: dict[str, onnx.TensorProto],
 ) -> tuple[str | None, str | None]:
     """Write ``value`` as ``role`` of ``bn``; return ``(written_name, added_name)``."""
     src: TensorSource = bn.sources[role]
@@ -112,10 +113,7 @@ def _write(
             assert src.constant_node is not None
             _set_constant(graph.node[src.constant_node], new)
         else:
-            for tensor in graph.initializer:
-                if tensor.name == src.storage:
-                    tensor.CopyFrom(numpy_helper.from_array(new, src.storage))
-                    break
+            initializers[src.storage].CopyFrom(numpy_helper.from_array(new, src.storage))
         return src.storage, None
     # Shared: never change what another reader sees; give this BN its own tensor.
     node = graph.node[bn.index]
@@ -185,6 +183,7 @@ def apply_stats(
     out.CopyFrom(loaded.model)
     bns = {bn.key: bn for bn in find_batchnorms(out, loaded.base_dir)}
     namer = UniqueNamer(out)
+    initializers = {t.name: t for t in out.graph.initializer}  # by name, built once
     inserts: dict[int, list[onnx.NodeProto]] = {}
     rows = []
     written: list[str] = []
@@ -208,7 +207,7 @@ def apply_stats(
                 old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
             )
         for role, value in (("mean", new_mean), ("var", new_var)):
-            w, a = _write(out, bn, role, value, namer, inserts)
+            w, a = _write(out, bn, role, value, namer, inserts, initializers)
             if w:
                 written.append(w)
             if a:

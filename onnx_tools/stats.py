@@ -177,11 +177,14 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
                 f"{path} has STATS format {meta['format_version']}; this bnref-onnx reads "
                 f"up to {FORMAT_VERSION}"
             )
+        per_bn: dict[str, dict[str, np.ndarray]] = {}  # "bn{i}" -> its state arrays
+        for k, v in arrays.items():
+            prefix, _, name = k.partition("/")
+            if name:
+                per_bn.setdefault(prefix, {})[name] = v
         bns: dict[str, BNStats] = {}
         for i, info in enumerate(meta["bns"]):
-            state = {
-                k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"bn{i}/")
-            }
+            state = per_bn.get(f"bn{i}", {})
             precise = bnref.PreciseBN.from_state_dict(
                 state, estimator=meta["estimator"], bessel=meta["bessel"]
             )
