@@ -121,10 +121,13 @@ NaN anywhere in a channel propagates to that channel's statistics and outputs.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
@@ -134,8 +137,15 @@ import numpy as np
 BLOCK_ELEMS = 1 << 16
 #: Channels whose inner run B is at least this long are reduced along rows ("row mode").
 ROW_MODE_MIN_RUN = 64
-#: Column mode: channel_stats blocks hold at least this many rows (fewer partial results).
-STATS_MIN_ROWS = 64
+#: Column mode: blocks are whole rows ("tiled") when at least min(A, this many) rows fit.
+TILE_MIN_ROWS = 16
+#: Column sums add at most this many rows one after another; groups are added pairwise.
+GROUP_ROWS = 64
+#: channel_stats sums again, around the mean, a channel whose first shift was farther than
+#: this many standard deviations from its mean (module doc: the error bound).
+SHIFT_MAX_STD = 2.0
+#: Scratch arrays a kernel thread uses (and keeps between calls).
+SCRATCH_BUFS = 2
 #: Inputs with fewer values run on the calling thread only.
 PARALLEL_MIN_ELEMS = 1 << 18
 
@@ -225,26 +235,48 @@ def _get_pool(workers: int) -> ThreadPoolExecutor:
 # -- layout ---------------------------------------------------------------------------------------
 
 
-class _Layout:
-    """Canonical blocked view of arrays shaped and laid out like ``x``."""
+class _Block(NamedTuple):
+    """One block of the canonical view: what a worker thread processes in one go."""
 
-    def __init__(self, x: np.ndarray, axis: int, min_rows: int = 1) -> None:
-        perm = _memory_order(x)
-        xt = x.transpose(perm)
-        if not xt.flags.c_contiguous:  # sliced / negative strides: one copy
+    idx: tuple  # index into the canonical view of x (and of dy, y, dx)
+    vidx: object  # row mode: the channel; general column mode: the column slice
+    pidx: tuple  # where its partial sums go in the partial arrays (part_shape)
+    shape: tuple[int, int]  # shape of the block's data, as loaded into scratch
+    first: bool = True  # the first block of its unit: stores its partial sums (else adds them)
+
+
+class _Layout:
+    """Canonical blocked view of arrays shaped and laid out like ``x``.
+
+    The structure (axis order, blocks, units of work) depends only on x's shape, strides and
+    channel axis and on the block size, and is cached (``_plan``); a call only makes views.
+    """
+
+    def __init__(self, x: np.ndarray, axis: int) -> None:
+        plan = _plan(x.shape, x.strides, x.itemsize, axis, _config["block_elems"])
+        self.__dict__.update(plan.__dict__)
+        if self.copy:  # sliced / negative strides: one copy
             x = np.ascontiguousarray(x)
-            perm = tuple(range(x.ndim))
-            xt = x
-        self.perm = perm
-        self.shape = x.shape
-        self.tshape = xt.shape
-        k = perm.index(axis)
-        self.C = x.shape[axis]
-        self.A = int(np.prod(xt.shape[:k], dtype=np.int64))
-        self.B = int(np.prod(xt.shape[k + 1 :], dtype=np.int64))
-        self.row_mode = self.B >= ROW_MODE_MIN_RUN
         self.x = self.view(x)
-        self._make_blocks(_config["block_elems"], min_rows)
+        self._consts = 0
+
+    def _build(self, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, axis: int,
+               target: int) -> None:
+        perm = _memory_order(shape, strides)
+        tshape = tuple(shape[i] for i in perm)
+        self.copy = not _is_c_contiguous(tshape, tuple(strides[i] for i in perm), itemsize)
+        if self.copy:
+            perm, tshape = tuple(range(len(shape))), tuple(shape)
+        self.perm = perm
+        self.inv_perm = tuple(int(i) for i in np.argsort(perm))
+        self.tshape = tshape
+        k = perm.index(axis)
+        self.C = shape[axis]
+        self.A = math.prod(tshape[:k])
+        self.B = math.prod(tshape[k + 1 :])
+        self.row_mode = self.B >= ROW_MODE_MIN_RUN
+        self.vshape = (self.A, self.C, self.B) if self.row_mode else (self.A, self.C * self.B)
+        self._make_blocks(target)
 
     # Views --------------------------------------------------------------------------------------
 
@@ -253,119 +285,163 @@ class _Layout:
         t = arr.transpose(self.perm)
         if not t.flags.c_contiguous:  # e.g. dy laid out differently from x
             t = np.ascontiguousarray(t)
-        return t.reshape(self._vshape())
-
-    def _vshape(self) -> tuple[int, ...]:
-        return (self.A, self.C, self.B) if self.row_mode else (self.A, self.C * self.B)
+        return t.reshape(self.vshape)
 
     def empty_like_x(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
         """An output with x's shape and memory layout, and its canonical view."""
         t = np.empty(self.tshape, dtype=dtype)
-        inv = np.argsort(self.perm)
-        return t.transpose(inv), t.reshape(self._vshape())
+        return t.transpose(self.inv_perm), t.reshape(self.vshape)
 
-    def vec(self, v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
-        """A per-channel vector indexable by a block's vector index (channel or column range).
+    # Per-channel constants ----------------------------------------------------------------------
 
-        Converted to ``dtype`` (one rounding) before it is repeated over a column block.
+    def const(self, v: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+        """Per-channel vector ``v`` (rounded once to ``dtype``) in the form blocks consume.
+
+        Row mode: the vector itself (a block takes one scalar). Column mode: repeated over
+        the B columns of each channel; tiled column mode: further repeated down ``rows`` rows
+        (a tile shaped like the largest block), because NumPy's loops run about 2x faster on
+        two operands of one shape than on a vector broadcast down a block. Column-mode
+        constants live in the calling thread's arena (``_Arena``) until the call returns.
         """
         v = np.asarray(v, dtype=np.float64).astype(dtype, copy=False)
         if self.row_mode:
             return v
-        return _offset_copy(np.repeat(v, self.B) if self.B > 1 else v)
+        w = np.repeat(v, self.B) if self.B > 1 else v
+        rows = self.rows if self.tiled else 1
+        out = _Arena.mine().take(rows * w.size, dtype, first=not self._consts)
+        self._consts += 1
+        if not self.tiled:
+            out[...] = w
+            return out
+        tile = out.reshape(rows, w.size)
+        tile[...] = w
+        return tile
+
+    def at(self, v: np.ndarray, blk: _Block) -> np.ndarray:
+        """Block ``blk``'s operand of a constant made by ``const``: scalar, tile rows or slice."""
+        if self.tiled:
+            return v[: blk.shape[0]]
+        return v[blk.vidx]
 
     def channel_mask(self, ok: np.ndarray) -> np.ndarray:
-        """Per-channel flags indexable like ``vec`` in row mode; one all-channel flag otherwise."""
+        """Per-channel flags indexable like ``const`` in row mode; one all-channel flag otherwise."""
         ok = np.asarray(ok, dtype=bool)
-        return ok if self.row_mode else np.array([bool(np.all(ok))])
+        return ok if self.row_mode else np.array([ok.all()])
+
+    def takes(self, mask: np.ndarray, blk: _Block) -> bool:
+        """Whether block ``blk`` is covered by ``mask`` (from ``channel_mask``)."""
+        return bool(mask[blk.vidx if self.row_mode else 0])
 
     # Blocks -------------------------------------------------------------------------------------
 
-    def _make_blocks(self, target: int, min_rows: int) -> None:
-        """List the blocks: (data index, vector index, partial index, block shape).
+    def _make_blocks(self, target: int) -> None:
+        """List the blocks (``_Block``) and the shape of the partial-sum arrays.
 
         Row mode: a block is ``x3[a0:a1, c, b0:b1]``, one channel, so every per-channel
-        constant is a scalar (NumPy's fastest loops) and the block reduces to one number.
-        Column mode: a block is ``x2[r0:r1, w0:w1]``, reduced down its columns.
+        constant is a scalar (NumPy's fastest loops) and the block sums to one number.
+        Column mode: a block is ``x2[r0:r1, w0:w1]``, summed down its columns. "Tiled" column
+        mode: blocks of whole rows (contiguous), at least ``min(A, TILE_MIN_ROWS)`` of them,
+        whose per-channel constants are tiles of the block's shape; consecutive blocks up to
+        ``GROUP_ROWS`` rows form one unit of work that shares one row of partial sums (fewer
+        partial sums to store and add up). Otherwise (very wide rows) blocks of
+        ``GROUP_ROWS`` rows and part of the columns.
+
+        A unit of work (``self.units``: lists of blocks) runs on one thread, in order.
         """
         A, C, B = self.A, self.C, self.B
         blocks = []
+        self.tiled = False
+        self.units = None
         if self.row_mode:
             nb = max(1, -(-B // target))  # pieces per run
             bl = -(-B // nb)
             ra = max(1, min(A, target // bl)) if nb == 1 else 1  # runs per block
             bb = [(j * bl, min(B, (j + 1) * bl)) for j in range(nb)]
             ab = [(i * ra, min(A, (i + 1) * ra)) for i in range(-(-A // ra))]
-            counts = [(a1 - a0) * (b1 - b0) for a0, a1 in ab for b0, b1 in bb]
             for c in range(C):
                 k = 0
                 for a0, a1 in ab:
                     for b0, b1 in bb:
                         idx = (slice(a0, a1), c, slice(b0, b1))
-                        blocks.append((idx, c, (c, k), (a1 - a0, b1 - b0)))
+                        blocks.append(_Block(idx, c, (c, k), (a1 - a0, b1 - b0)))
                         k += 1
-            self.part_shape = (C, len(counts))
-            self.red = None
+            self.part_shape = (C, len(ab) * len(bb))
         else:
             W = C * B
-            # Whole rows when they fit (contiguous blocks: NumPy's loops run ~2x faster on them
-            # than on (rows, columns) tiles of a wider matrix), else tiles; at least
-            # ``min_rows`` rows (channel_stats: 64, so that its O(partials) combine step stays
-            # small beside the data), up to 4 * target values a block then.
-            rb = min(A, max(min_rows, target // W))
-            wb = min(W, max(1, (target if min_rows == 1 else 4 * target) // rb))
-            nab = -(-A // rb)
-            for i in range(nab):
-                r0, r1 = i * rb, min(A, (i + 1) * rb)
-                for w0 in range(0, W, wb):
-                    ws = slice(w0, min(W, w0 + wb))
-                    blocks.append(((slice(r0, r1), ws), ws, (i, ws), (r1 - r0, ws.stop - w0)))
+            rows_fit = target // W
+            if rows_fit >= min(A, TILE_MIN_ROWS):
+                self.tiled = True
+                rb = min(A, rows_fit)  # rows per block
+                gr = rb * max(1, -(-GROUP_ROWS // rb))  # rows per unit
+                ws = slice(0, W)
+                units = []
+                for i in range(-(-A // gr)):
+                    unit = []
+                    for r0 in range(i * gr, min(A, (i + 1) * gr), rb):
+                        r1 = min(A, r0 + rb, (i + 1) * gr)
+                        unit.append(_Block((slice(r0, r1), ws), ws, (i, ws), (r1 - r0, W), not unit))
+                    units.append(unit)
+                    blocks += unit
+                self.units = units
+                nab = len(units)
+            else:
+                rb = min(A, GROUP_ROWS)
+                wb = min(W, max(1, target // rb))
+                nab = -(-A // rb)
+                for i in range(nab):
+                    r0, r1 = i * rb, min(A, (i + 1) * rb)
+                    for w0 in range(0, W, wb):
+                        ws = slice(w0, min(W, w0 + wb))
+                        blocks.append(_Block((slice(r0, r1), ws), ws, (i, ws), (r1 - r0, ws.stop - w0)))
+            self.rows = rb
             self.part_shape = (nab, W)
-            counts = np.repeat([min(A, (i + 1) * rb) - i * rb for i in range(nab)], B)
-            self.red = 0
-        self.counts = np.asarray(counts, dtype=np.float64)
         self.blocks = blocks
-        self.max_block = max(r * c for *_, (r, c) in blocks)
+        if self.units is None:
+            self.units = [[b] for b in blocks]
+        self.max_block = max(r * c for r, c in (b.shape for b in blocks))
 
-    def per_channel(self, part: np.ndarray) -> np.ndarray:
-        """Partial results (part_shape) as (K, C): all partials of a channel in a column.
+    # Sums ---------------------------------------------------------------------------------------
 
-        A view in row mode and for (N, C)-like inputs; reductions then run along axis 0.
-        """
+    @staticmethod
+    def put(part: np.ndarray, blk: _Block, value: np.ndarray | float) -> None:
+        """Record block ``blk``'s partial sum: stored by the first block of a unit, then added."""
+        if blk.first:
+            part[blk.pidx] = value
+        else:
+            part[blk.pidx] += value
+
+    def block_sum(self, d: np.ndarray) -> np.ndarray | float:
+        """Sum of a loaded (contiguous, float64) block: a number (row mode) or column sums."""
         if self.row_mode:
-            return part.T
-        if self.B == 1:
-            return part
-        nab = part.shape[0]
-        return part.reshape(nab, self.C, self.B).transpose(0, 2, 1).reshape(-1, self.C)
+            return np.add.reduce(d, axis=None)  # pairwise: contiguous
+        return _column_sums(d, None)
 
-    def partial_counts(self) -> np.ndarray:
-        """Counts of the partials in ``per_channel`` order, as a (K, 1) column."""
-        return self.counts[:, None]
-
-    def block_count(self, bshape: tuple[int, int]) -> int:
-        """Values per partial in a block of this shape."""
-        return bshape[0] * bshape[1] if self.row_mode else bshape[0]
-
-    def dot_into(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
-        """Per-partial ``sum(a * b)``; may overwrite ``b``."""
+    def block_dot(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
+        """``sum(a * b)`` of two loaded blocks, like ``block_sum``; may overwrite ``b``."""
         if self.row_mode:
             np.multiply(a, b, out=b)
             return np.add.reduce(b, axis=None)
-        return np.einsum("ij,ij->j", a, b)
+        return _column_sums(a, b)
+
+    def channel_totals(self, part: np.ndarray) -> np.ndarray:
+        """Per-channel totals of partial sums (``part_shape``), summed pairwise."""
+        if self.row_mode:
+            return np.add.reduce(part, axis=1)  # contiguous rows: pairwise
+        cols = _fold_rows(part)
+        return np.add.reduce(cols.reshape(self.C, self.B), axis=1) if self.B > 1 else cols
 
     # Execution ----------------------------------------------------------------------------------
 
-    def run(self, work: Callable[[tuple, tuple[np.ndarray, ...]], None], bufs: int) -> None:
+    def run(self, work: Callable[[_Block, tuple[np.ndarray, ...]], None], bufs: int) -> None:
         """Call ``work(block, scratch)`` for every block, on up to ``num_threads`` threads.
 
-        ``scratch`` holds ``bufs`` per-thread float64 arrays of ``max_block`` values (kept
+        A unit's blocks run one after another on one thread. ``scratch`` holds ``bufs`` per-thread float64 arrays of ``max_block`` values (kept
         between calls up to the default block size, see ``_thread_scratch``). Inputs smaller
         than ``PARALLEL_MIN_ELEMS`` run on the calling thread: a hand-off costs more than it
         saves there.
         """
-        blocks = self.blocks
-        threads = min(_config["threads"], len(blocks))
+        units = self.units
+        threads = min(_config["threads"], len(units))
         if self.A * self.C * self.B < _config["parallel_min"]:
             threads = 1
         size = self.max_block
@@ -377,14 +453,15 @@ class _Layout:
                     i = next(it, None)
                 if i is None:
                     return
-                work(blocks[i], b)
+                for blk in units[i]:
+                    work(blk, b)
 
         if threads <= 1:
             b = _thread_scratch(size, bufs)
-            for blk in blocks:
+            for blk in self.blocks:
                 work(blk, b)
             return
-        it, lock = iter(range(len(blocks))), threading.Lock()
+        it, lock = iter(range(len(units))), threading.Lock()
         pool = _get_pool(threads - 1)
         futures = [pool.submit(worker, it, lock) for _ in range(threads - 1)]
         try:
@@ -394,6 +471,43 @@ class _Layout:
                 f.result()
 
 
+def _column_sums(a: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """Column sums of ``a`` (``b`` None) or of ``a * b``, for (rows, w) float64 blocks.
+
+    NumPy sums down columns one row after another; to bound that recursion at
+    ``GROUP_ROWS`` terms, taller blocks are summed in groups of ``GROUP_ROWS`` rows and the
+    group sums added pairwise (``_fold_rows``).
+    """
+    r, w = a.shape
+    if r <= GROUP_ROWS:
+        if b is None:
+            return np.add.reduce(a, axis=0)
+        return np.einsum("ij,ij->j", a, b)
+    g = r // GROUP_ROWS
+    h = g * GROUP_ROWS
+    parts = np.empty((g + (h < r), w))
+    if b is None:
+        np.add.reduce(a[:h].reshape(g, GROUP_ROWS, w), axis=1, out=parts[:g])
+        if h < r:
+            np.add.reduce(a[h:], axis=0, out=parts[g])
+    else:
+        a3, b3 = a[:h].reshape(g, GROUP_ROWS, w), b[:h].reshape(g, GROUP_ROWS, w)
+        np.einsum("gij,gij->gj", a3, b3, out=parts[:g])
+        if h < r:
+            np.einsum("ij,ij->j", a[h:], b[h:], out=parts[g])
+    return _fold_rows(parts)
+
+
+def _fold_rows(p: np.ndarray) -> np.ndarray:
+    """Sum the rows of ``p`` pairwise (in place; ``p`` is overwritten) and return the sum."""
+    m = p.shape[0]
+    while m > 1:
+        h = m // 2
+        np.add(p[:h], p[m - h : m], out=p[:h])
+        m -= h
+    return p[0]
+
+
 _tls = threading.local()
 
 
@@ -401,58 +515,117 @@ def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     """``count`` float64 scratch arrays of at least ``size`` values for this thread.
 
     Arrays up to ``BLOCK_ELEMS`` values are kept per thread and reused (a fresh allocation
-    page-faults on every call): at most 3 * 512 KiB per thread. Larger ones (channel_stats'
-    column blocks, a raised block size) are allocated for the call and freed after it.
+    page-faults on every call): at most ``SCRATCH_BUFS`` * 512 KiB per thread. Larger ones (a
+    raised block size) are allocated for the call and freed after it.
     """
     if size > BLOCK_ELEMS:
         return tuple(_scratch_array(size, k) for k in range(count))
     kept = getattr(_tls, "bufs", ())
-    if len(kept) < count:
-        kept = kept + tuple(_scratch_array(BLOCK_ELEMS, k) for k in range(len(kept), count))
+    if len(kept) < count or kept[0].size < size:
+        kept = tuple(_scratch_array(BLOCK_ELEMS, k) for k in range(max(count, len(kept))))
         _tls.bufs = kept
+        _register_kept("scratch", sum(b.nbytes for b in kept))
     return kept[:count]
 
 
 def _scratch_array(n: int, k: int) -> np.ndarray:
-    """Scratch array number ``k`` (float64), 1, 3 or 2.5 KiB past a 4 KiB boundary.
+    """Scratch array number ``k`` (float64), 1 or 3 KiB past a 4 KiB boundary.
 
-    So scratch arrays, outputs (page-aligned) and column vectors (2 KiB, ``_offset_empty``)
-    never share an address modulo 4 KiB row by row ("4K aliasing", see ``_offset_copy``).
+    So scratch arrays and constants (``_Arena``) never share an address modulo 4 KiB row by
+    row ("4K aliasing", see ``_Arena``).
     """
     raw = np.empty(n * 8 + 8192, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 4096 + (1024, 3072, 2560)[k % 3]
+    start = (-raw.ctypes.data) % 4096 + (1024, 3072)[k % 2]
     return raw[start : start + n * 8].view(np.float64)
 
 
 def scratch_nbytes_per_thread() -> int:
     """Bytes of scratch a kernel thread keeps between calls (at most)."""
-    return 3 * BLOCK_ELEMS * 8
+    return SCRATCH_BUFS * BLOCK_ELEMS * 8
 
 
-def _offset_copy(v: np.ndarray) -> np.ndarray:
-    """``v`` copied to an address 2 KiB past a 4 KiB boundary.
+def kept_nbytes() -> int:
+    """Bytes the kernels keep between calls now: scratch of every thread, constants' arenas."""
+    return sum(_kept.values())
 
-    Column-mode blocks broadcast such vectors down rows whose length is often a multiple of
-    4 KiB (C = 1024, 4096 float32/float64 ...); when the vector and the rows share their
-    address modulo 4 KiB, the CPU's load/store disambiguation stalls ("4K aliasing") and
-    NumPy's loops run up to ~6x slower. Half a page apart, they never do.
+
+class _Arena:
+    """Memory for the per-channel constants of one kernel call, kept by the calling thread.
+
+    Column-mode constants (tiles of up to ``BLOCK_ELEMS`` float64 values, a few per call)
+    are carved out of one kept array, each 2 KiB + 256 B * k past a 4 KiB boundary.
+
+    Why the offsets: column-mode blocks meet these constants row by row, and rows are often a
+    multiple of 4 KiB long (C = 1024, 4096 float32/float64 ...). When a constant and the rows
+    it meets share their address modulo 4 KiB, the CPU's load/store disambiguation stalls
+    ("4K aliasing") and NumPy's loops run up to ~6x slower; scratch arrays sit at 1 and
+    3 KiB, constants at 2 KiB + 256 B * k. Why kept: a fresh allocation per call page-faults
+    whenever other work ran in between. When a call needs more, the arena grows (and is kept
+    at that size).
     """
-    out = _offset_empty(v.size, v.dtype)
-    out[...] = v
-    return out
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = np.empty(max(nbytes, 4096), dtype=np.uint8)
+        self.base = (-self.buf.ctypes.data) % 4096  # first 4 KiB boundary in buf
+        self.cursor = 0
+        self.count = 0
+        _register_kept("arena", nbytes)
+
+    @staticmethod
+    def mine() -> _Arena:
+        arena = getattr(_tls, "arena", None)
+        if arena is None:
+            arena = _tls.arena = _Arena(0)
+        return arena
+
+    def take(self, n: int, dtype: type, first: bool) -> np.ndarray:
+        """``n`` uninitialized values of ``dtype``; ``first``: a new call starts (frees all)."""
+        if first:
+            self.cursor, self.count = 0, 0
+        nbytes = n * np.dtype(dtype).itemsize
+        start = self.base + self.cursor + 2048 + 256 * (self.count % 4)
+        end = start + nbytes
+        if end > self.buf.size:  # grow; tiles already handed out stay valid in the old buffer
+            grown = _Arena(end + 8192)
+            _tls.arena = grown
+            return grown.take(n, dtype, first=True)
+        self.cursor = -(-(end - self.base) // 4096) * 4096
+        self.count += 1
+        return self.buf[start:end].view(dtype)
 
 
-def _offset_empty(n: int, dtype: type = np.float64) -> np.ndarray:
-    """An uninitialized vector of ``n`` values at 2 KiB past a 4 KiB boundary (see above)."""
-    nbytes = n * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + 8192, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 4096 + 2048
-    return raw[start : start + nbytes].view(dtype)
+_kept: dict[tuple[int, str], int] = {}
 
 
-def _memory_order(x: np.ndarray) -> tuple[int, ...]:
-    """Axis permutation listing x's axes from largest to smallest stride (size-1 axes last)."""
-    return tuple(sorted(range(x.ndim), key=lambda i: (-abs(x.strides[i]) if x.shape[i] > 1 else 1, i)))
+def _register_kept(kind: str, nbytes: int) -> None:
+    _kept[(threading.get_ident(), kind)] = nbytes
+
+
+def _memory_order(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Axis permutation listing the axes from largest to smallest stride (size-1 axes last)."""
+    return tuple(sorted(range(len(shape)), key=lambda i: (-abs(strides[i]) if shape[i] > 1 else 1, i)))
+
+
+def _is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether an array of this shape and strides is C-contiguous (size-1 axes: any stride)."""
+    if math.prod(shape) == 0:
+        return True
+    step = itemsize
+    for n, st in zip(reversed(shape), reversed(strides), strict=True):
+        if n != 1 and st != step:
+            return False
+        step *= n
+    return True
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, axis: int, target: int
+) -> _Layout:
+    """The structure of a ``_Layout`` for this shape, strides, axis and block size (cached)."""
+    plan = _Layout.__new__(_Layout)
+    plan._build(shape, strides, itemsize, axis, target)
+    return plan
 
 
 def _scratch(buf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -469,6 +642,24 @@ def _load(buf: np.ndarray, src: np.ndarray) -> np.ndarray:
     out = _scratch(buf, src.shape)
     np.copyto(out, src, casting="unsafe")
     return out
+
+
+def _load_minus(buf: np.ndarray, src: np.ndarray, k: np.ndarray | float) -> np.ndarray:
+    """``src - k`` in float64 in contiguous scratch ``buf`` (float64 src: no separate load)."""
+    out = _scratch(buf, src.shape)
+    if src.dtype == np.float64:
+        np.subtract(src, k, out=out)
+    else:
+        np.copyto(out, src, casting="unsafe")
+        np.subtract(out, k, out=out)
+    return out
+
+
+def _as_float64(buf: np.ndarray, src: np.ndarray, contiguous_ok: bool) -> np.ndarray:
+    """``src`` as float64: itself when it already is (and ``contiguous_ok``), else loaded."""
+    if contiguous_ok and src.dtype == np.float64 and src.flags.c_contiguous:
+        return src
+    return _load(buf, src)
 
 
 def _store(dst: np.ndarray, val: np.ndarray) -> None:
@@ -506,56 +697,70 @@ def _f32_safe(v: np.ndarray, zero_small: bool = False) -> np.ndarray:
 
 
 def channel_moments(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and M2 = sum((x - mean)**2), in float64 (blocked two-pass, see module doc).
-
-    Each block: ``m_k = sum(x)/n_k``, ``M2_k = sum(d**2) - sum(d)**2/n_k`` with ``d = x - m_k``;
-    blocks pooled exactly with ``M2 = sum M2_k + sum n_k (mean_k - mean)**2``.
-    """
+    """Per-channel mean and M2 = sum((x - mean)**2), in float64 (shifted sums, see module doc)."""
     mean, _, m2 = channel_stats(x, axis)
     return mean, m2
 
 
 def channel_stats(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mean, mean_lo, M2)`` per channel: ``channel_moments`` plus the mean's residual.
+    """``(mean, mean_lo, M2)`` per channel, float64; ``mean + mean_lo`` is the mean to ~eps64 * std.
 
-    ``mean + mean_lo`` is the mean to about eps64 * std rather than eps64 * |mean|::
-
-        mean_lo = sum_k (c_k + n_k * (m_k - mean)) / n      # = sum(x - mean) / n
+    One pass of shifted sums ``c = sum(x - K)``, ``q = sum((x - K)**2)`` with a per-channel
+    shift K near the mean (from a sample), then ``mean = K + c/n``, ``M2 = q - c**2/n``.
+    A channel whose shift turns out farther than ``SHIFT_MAX_STD`` standard deviations from
+    its mean is summed once more with K = that mean (module doc: why this bounds the error).
     """
-    L = _Layout(x, axis, min_rows=STATS_MIN_ROWS)
-    shape = L.part_shape
-    S, Cs, Q = np.empty(shape), np.empty(shape), np.empty(shape)
-    red, vx = L.red, L.x
+    L = _Layout(x, axis)
+    n = L.A * L.B
+    shift = _sample_mean(L)
+    c, q = _shifted_sums(L, shift)
+    with np.errstate(all="ignore"):  # NaN / inf data: those channels are NaN
+        cn = c / n
+        m2 = q - c * cn
+        far = c * cn > SHIFT_MAX_STD**2 * m2  # (mean - K)**2 > SHIFT_MAX_STD**2 * var
+    if np.any(far):
+        shift = np.where(far, shift + cn, shift)
+        c, q = _shifted_sums(L, shift)
+        with np.errstate(all="ignore"):
+            cn = c / n
+            m2 = q - c * cn
+    with np.errstate(all="ignore"):
+        mean = shift + cn
+        # TwoSum: mean + mean_lo == shift + cn exactly.
+        back = mean - shift
+        mean_lo = (shift - (mean - back)) + (cn - back)
+    return mean, mean_lo, np.maximum(m2, 0.0)
 
-    def work(blk: tuple, bufs: tuple[np.ndarray, ...]) -> None:
-        idx, _, pidx, bshape = blk
-        d = _load(bufs[0], vx[idx])
-        if red is None:
-            m = np.add.reduce(d, axis=None) / L.block_count(bshape)
-        else:  # the block's column means, placed so that they never 4K-alias d's rows
-            m = np.add.reduce(d, axis=red, out=_offset_empty(bshape[1]))
-            m /= L.block_count(bshape)
-        np.subtract(d, m, out=d)
-        S[pidx] = m
-        Cs[pidx] = np.add.reduce(d, axis=red)
-        Q[pidx] = L.dot_into(d, d)
+
+def _sample_mean(L: _Layout) -> np.ndarray:
+    """Per-channel mean of a small sample spread over the data (a shift for ``_shifted_sums``).
+
+    Row mode: up to 4 runs x 8 values per channel; column mode: up to 8 rows. Any value
+    works (accuracy is checked after the fact); a near one saves the second pass.
+    """
+    vx = L.x
+    if L.row_mode:
+        sub = vx[:: max(1, L.A // 4), :, :: max(1, L.B // 8)]
+        return np.add.reduce(sub.astype(np.float64), axis=(0, 2)) / (sub.shape[0] * sub.shape[2])
+    sub = vx[:: max(1, L.A // 8)].astype(np.float64)
+    sums = np.add.reduce(sub, axis=0)
+    if L.B > 1:
+        sums = np.add.reduce(sums.reshape(L.C, L.B), axis=1)
+    return sums / (sub.shape[0] * L.B)
+
+
+def _shifted_sums(L: _Layout, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel ``(sum(x - shift), sum((x - shift)**2))`` in float64, blocked and pairwise."""
+    cp, qp = np.empty(L.part_shape), np.empty(L.part_shape)
+    vx, k = L.x, L.const(shift)
+
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        d = _load_minus(bufs[0], vx[blk.idx], L.at(k, blk))
+        L.put(cp, blk, L.block_sum(d))
+        L.put(qp, blk, L.block_dot(d, d))
 
     L.run(work, bufs=1)
-    n = L.A * L.B
-    counts = L.partial_counts()  # (K, 1)
-    m, c, q = L.per_channel(S), L.per_channel(Cs), L.per_channel(Q)  # (K, C): block means...
-    mean = np.add.reduce(m * counts, axis=0) / n
-    # Block k's values minus `mean` sum to c_k + n_k (m_k - mean): no |mean|-sized terms.
-    dm = m - mean
-    mean_lo = np.add.reduce(c + dm * counts, axis=0) / n
-    # Deviation of block k's exact mean from the exact pooled mean.
-    cn = c / counts
-    dev = (dm + cn) - mean_lo
-    q -= c * cn  # q: a fresh (K, C) array or a view of Q, which is not used again
-    dev *= dev
-    dev *= counts
-    m2 = np.add.reduce(q, axis=0) + np.add.reduce(dev, axis=0)
-    return mean, mean_lo, np.maximum(m2, 0.0)
+    return L.channel_totals(cp), L.channel_totals(qp)
 
 
 # -- forward --------------------------------------------------------------------------------------
@@ -584,6 +789,7 @@ def normalize_affine(
     y, vy = L.empty_like_x(x.dtype)
     a = inv_std * scale
     vx = L.x
+    take_f32 = take_fused = np.zeros(L.C if L.row_mode else 1, dtype=bool)
     if x.dtype == np.float32 and _config["float32_forward"]:
         with np.errstate(all="ignore"):  # NaN / inf constants: those channels use float64
             mh, r = _split_mean(mean, mean_lo)
@@ -591,47 +797,48 @@ def normalize_affine(
             # Fold: a*(x - mu) + bias = a32*(x - mh) + (bias - a32*r) + (a - a32)*(x - mu).
             b = bias - a32.astype(np.float64) * r
             ok = (np.abs(r) * inv_std <= 1.0) & _f32_safe(a) & _f32_safe(b, zero_small=True)
-        f32 = L.channel_mask(ok)
-        vmh, va32, vb32 = L.vec(mh, np.float32), L.vec(a32, np.float32), L.vec(b, np.float32)
-    else:
-        f32 = None
+        take_f32 = L.channel_mask(ok)
     b64 = bias if mean_lo is None else bias - a * mean_lo
-    vm, va, vb = L.vec(mean), L.vec(a), L.vec(b64)
     if x.dtype.itemsize < 8:
         # float32 / float16 output: with |mean| * inv_std <= 2**16, y = x*a + (b64 - a*mean) in
         # float64 is within 2**-10 * eps32 of the natural scale (module doc), so one op less
         # per element and still the float64 answer rounded once.
         with np.errstate(all="ignore"):
-            fused = L.channel_mask(np.abs(mean) * inv_std <= 2.0**16)
-            vbf = L.vec(b64 - a * mean)
-    else:
-        fused = None
+            take_fused = L.channel_mask(np.abs(mean) * inv_std <= 2.0**16) & ~take_f32
+            bf = b64 - a * mean
+    take_plain = ~(take_f32 | take_fused)
+    # Constants of the paths some block takes (in column mode, exactly one path).
+    if np.any(take_f32):
+        kmh, ka32, kb32 = (L.const(v, np.float32) for v in (mh, a32, b))
+    if np.any(take_fused):
+        ka, kbf = L.const(a), L.const(bf)
+    if np.any(take_plain):
+        ka, kb, km = L.const(a), L.const(b64), L.const(mean)
+    whole_rows = L.tiled  # output blocks are contiguous: no scratch needed for float32 results
 
-    def work(blk: tuple, bufs: tuple[np.ndarray, ...]) -> None:
-        idx, vidx, _, bshape = blk
-        src, dst = vx[idx], vy[idx]
-        if f32 is not None and f32[vidx if L.row_mode else 0]:
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        src, dst = vx[blk.idx], vy[blk.idx]
+        if L.takes(take_f32, blk):
             # In a contiguous scratch when the block is strided (row mode): NumPy's loops run
             # ~1.4x faster than in place on a (runs, run) view of the output.
-            t = _scratch32(bufs[0], bshape) if L.row_mode else dst
-            np.subtract(src, vmh[vidx], out=t)  # exact when x is within 2x of mean_hi
-            np.multiply(t, va32[vidx], out=t)
-            np.add(t, vb32[vidx], out=dst)
+            t = dst if whole_rows else _scratch32(bufs[0], blk.shape)
+            np.subtract(src, L.at(kmh, blk), out=t)  # exact when x is within 2x of mean_hi
+            np.multiply(t, L.at(ka32, blk), out=t)
+            np.add(t, L.at(kb32, blk), out=dst)
             return
-        if fused is not None and fused[vidx if L.row_mode else 0]:
+        if L.takes(take_fused, blk):
             t = _load(bufs[0], src)
-            np.multiply(t, va[vidx], out=t)
-            np.add(t, vbf[vidx], out=t)
+            np.multiply(t, L.at(ka, blk), out=t)
+            np.add(t, L.at(kbf, blk), out=t)
             _store(dst, t)
             return
         if dst.dtype == np.float64:
             t = dst
-            np.subtract(src, vm[vidx], out=t)
+            np.subtract(src, L.at(km, blk), out=t)
         else:
-            t = _load(bufs[0], src)
-            np.subtract(t, vm[vidx], out=t)
-        np.multiply(t, va[vidx], out=t)
-        np.add(t, vb[vidx], out=t)
+            t = _load_minus(bufs[0], src, L.at(km, blk))
+        np.multiply(t, L.at(ka, blk), out=t)
+        np.add(t, L.at(kb, blk), out=t)
         _store(dst, t)
 
     L.run(work, bufs=1)
@@ -655,19 +862,17 @@ def grad_sums(
     """
     L = _Layout(x, axis)
     sdy, sdx = np.empty(L.part_shape), np.empty(L.part_shape)
-    vdy, vx, vm, red = L.view(dy), L.x, L.vec(mean), L.red
+    vdy, vx, km = L.view(dy), L.x, L.const(mean)
 
-    def work(blk: tuple, bufs: tuple[np.ndarray, ...]) -> None:
-        idx, vidx, pidx, _ = blk
-        d = _load(bufs[0], vx[idx])
-        np.subtract(d, vm[vidx], out=d)
-        g = _load(bufs[1], vdy[idx])
-        sdy[pidx] = np.add.reduce(g, axis=red)
-        sdx[pidx] = L.dot_into(g, d)
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        d = _load_minus(bufs[0], vx[blk.idx], L.at(km, blk))
+        g = _as_float64(bufs[1], vdy[blk.idx], contiguous_ok=not L.row_mode)
+        L.put(sdy, blk, L.block_sum(g))
+        L.put(sdx, blk, L.block_dot(g, d))
 
     L.run(work, bufs=2)
-    dbias = np.add.reduce(L.per_channel(sdy), axis=0)
-    sxd = np.add.reduce(L.per_channel(sdx), axis=0)
+    dbias = L.channel_totals(sdy)
+    sxd = L.channel_totals(sdx)
     if mean_lo is not None:
         sxd = sxd - mean_lo * dbias
     return dbias, sxd * inv_std
@@ -699,6 +904,7 @@ def train_input_grad(
     c1 = -k * inv_std * dscale / count
     c0 = k * dbias / count
     vx, vdy = L.x, L.view(dy)
+    f32 = None
     if x.dtype == np.float32:
         with np.errstate(all="ignore"):  # NaN / inf constants: those channels use float64
             mh, r = _split_mean(mean, mean_lo)
@@ -709,38 +915,36 @@ def train_input_grad(
             ok = (rho * np.sqrt(count) <= 1 / 3) & _f32_safe(k) & _f32_safe(c1)
             ok &= _f32_safe(e, zero_small=True)
         f32 = L.channel_mask(ok)
-        vmh, vk32, vc1_32, ve32 = (
-            L.vec(mh, np.float32), L.vec(k, np.float32), L.vec(c1_32, np.float32),
-            L.vec(e, np.float32),
-        )
-    else:
-        f32 = None
-    if mean_lo is not None:
-        c0 = c0 + c1 * mean_lo
-    vk, vc1, vc0, vm = L.vec(k), L.vec(c1), L.vec(c0), L.vec(mean)
+        if np.any(f32):  # (in column mode, the float32 path or the float64 one: one tile set)
+            kmh, kk32, kc1_32, ke32 = (L.const(v, np.float32) for v in (mh, k, c1_32, e))
+    if not (f32 is not None and np.all(f32)):
+        if mean_lo is not None:
+            c0 = c0 + c1 * mean_lo
+        kk, kc1, kc0, km = (L.const(v) for v in (k, c1, c0, mean))
+    whole_rows = L.tiled
 
-    def work(blk: tuple, bufs: tuple[np.ndarray, ...]) -> None:
-        idx, vidx, _, bshape = blk
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        idx = blk.idx
         dst = vdx[idx]
-        if f32 is not None and f32[vidx if L.row_mode else 0]:
-            t, u = _scratch32(bufs[0], bshape), _scratch32(bufs[1], bshape)
-            np.subtract(vx[idx], vmh[vidx], out=t)  # exact when x is within 2x of mean_hi
-            np.multiply(t, vc1_32[vidx], out=t)
-            np.add(t, ve32[vidx], out=t)
-            np.multiply(vdy[idx], vk32[vidx], out=u)
+        if f32 is not None and L.takes(f32, blk):
+            t = _scratch32(bufs[0], blk.shape)
+            u = dst if whole_rows else _scratch32(bufs[1], blk.shape)
+            np.subtract(vx[idx], L.at(kmh, blk), out=t)  # exact when x is within 2x of mean_hi
+            np.multiply(t, L.at(kc1_32, blk), out=t)
+            np.add(t, L.at(ke32, blk), out=t)
+            np.multiply(vdy[idx], L.at(kk32, blk), out=u)
             np.add(u, t, out=dst)
             return
-        t = _load(bufs[0], vx[idx])
-        np.subtract(t, vm[vidx], out=t)
-        np.multiply(t, vc1[vidx], out=t)
+        t = _load_minus(bufs[0], vx[idx], L.at(km, blk))
+        np.multiply(t, L.at(kc1, blk), out=t)
         if dst.dtype == np.float64:
             u = dst
-            np.multiply(vdy[idx], vk[vidx], out=u)
+            np.multiply(vdy[idx], L.at(kk, blk), out=u)
         else:
             u = _load(bufs[1], vdy[idx])
-            np.multiply(u, vk[vidx], out=u)
+            np.multiply(u, L.at(kk, blk), out=u)
         np.add(u, t, out=u)
-        np.subtract(u, vc0[vidx], out=u)
+        np.subtract(u, L.at(kc0, blk), out=u)
         _store(dst, u)
 
     L.run(work, bufs=2)
@@ -766,29 +970,28 @@ def eval_backward(
     L = _Layout(x, axis)
     dx, vdx = L.empty_like_x(x.dtype)
     sdy, sdx = np.empty(L.part_shape), np.empty(L.part_shape)
-    vdy, vx, vm, vk, red = L.view(dy), L.x, L.vec(mean), L.vec(scale * inv_std), L.red
-
+    k = scale * inv_std
+    vdy, vx, km = L.view(dy), L.x, L.const(mean)
     # float32: dx = float32(k) * dy in float32, two roundings (|error| <= eps32 * |k * dy|).
     with np.errstate(all="ignore"):
-        f32 = x.dtype == np.float32 and bool(np.all(_f32_safe(scale * inv_std)))
-    vk32 = L.vec(scale * inv_std, np.float32) if f32 else None
+        f32 = x.dtype == np.float32 and bool(np.all(_f32_safe(k)))
+    kk = L.const(k, np.float32 if f32 else np.float64)
 
-    def work(blk: tuple, bufs: tuple[np.ndarray, ...]) -> None:
-        idx, vidx, pidx, bshape = blk
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        idx = blk.idx
         dst = vdx[idx]
-        if vk32 is not None:
-            np.multiply(vdy[idx], vk32[vidx], out=dst)
-        g = _load(bufs[1], vdy[idx])
-        if vk32 is None:
-            u = dst if dst.dtype == np.float64 else _scratch(bufs[2], bshape)
-            np.multiply(g, vk[vidx], out=u)
+        if f32:
+            np.multiply(vdy[idx], L.at(kk, blk), out=dst)
+        g = _as_float64(bufs[1], vdy[idx], contiguous_ok=not L.row_mode)
+        if not f32:
+            u = dst if dst.dtype == np.float64 else _scratch(bufs[0], blk.shape)
+            np.multiply(g, L.at(kk, blk), out=u)
             _store(dst, u)
-        d = _load(bufs[0], vx[idx])
-        np.subtract(d, vm[vidx], out=d)
-        sdy[pidx] = np.add.reduce(g, axis=red)
-        sdx[pidx] = L.dot_into(g, d)
+        d = _load_minus(bufs[0], vx[idx], L.at(km, blk))
+        L.put(sdy, blk, L.block_sum(g))
+        L.put(sdx, blk, L.block_dot(g, d))
 
-    L.run(work, bufs=3)
-    dbias = np.add.reduce(L.per_channel(sdy), axis=0)
-    dscale = np.add.reduce(L.per_channel(sdx), axis=0) * inv_std
+    L.run(work, bufs=2)
+    dbias = L.channel_totals(sdy)
+    dscale = L.channel_totals(sdx) * inv_std
     return dx, dbias, dscale
