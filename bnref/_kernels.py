@@ -7,44 +7,67 @@ Layout
 Any input is viewed, without copying, in its memory order: the axes are permuted so the
 array is C-contiguous (NCHW stays NCHW; a channels-last array or a transposed view becomes
 (..., C)), and the view is reshaped to ``(A, C, B)`` (A: everything before the channel axis,
-B: everything after it). When ``B`` is long ("row mode", NCHW and 5-D) a block is
-``x3[a0:a1, c, b0:b1]``, one channel, so every per-channel constant is a scalar (NumPy's
-fastest loops) and the block reduces to one number; when it is short ("column mode", NHWC and
-(N, C)) the data is an ``(A, C*B)`` matrix and a block ``x2[r0:r1, w0:w1]`` is reduced down its
-columns. Arrays that are not a permutation of a contiguous array are copied once.
+B: everything after it). Arrays that are not a permutation of a contiguous array are copied
+once. The structure below depends only on shape, strides, axis and block size and is cached.
 
-Blocks hold ``block_elems`` values (64 Ki: 512 KiB of float64, an L2's worth; channel_stats'
-column-mode blocks hold at least 64 rows, up to 4x that) and are handed to a small thread pool
-(``num_threads``, default ``min(2, CPUs)``, env ``BNREF_NUM_THREADS``); NumPy releases the GIL
-in its loops. Inputs under ``PARALLEL_MIN_ELEMS`` (256 Ki values) stay on the calling thread.
-Per-block results are stored by block index and combined in a fixed order, so results are
-bitwise independent of the thread count and of scheduling. Extra memory: the output, up to
-three block-sized scratch arrays per thread (kept between calls: 1.5 MiB per thread) and
-O(C * blocks) partial sums. Column-mode vectors and scratch arrays are placed at distinct
-offsets modulo 4 KiB: rows of 1024 or 4096 values otherwise "4K-alias" the vectors broadcast
-down them, which made NumPy's loops up to ~6x slower on (256, 4096).
+* Row mode (``B >= 64``: NCHW, 5-D): a block is ``x3[a0:a1, c, b0:b1]``, one channel, so
+  every per-channel constant is a scalar (NumPy's fastest loops) and the block sums to one
+  number.
+* Tiled column mode (NHWC, (N, C), short B): the data is an ``(A, W = C*B)`` matrix and a
+  block is a run of whole rows (contiguous). Per-channel constants are repeated into a tile
+  of the block's shape, because NumPy's loops run ~1.6-2.6x faster on two operands of one
+  shape than on a vector broadcast down a block; tiles live in a per-caller arena
+  (``_Arena``). Consecutive blocks up to ``GROUP_ROWS`` rows form a unit of work that shares
+  one row of partial sums.
+* General column mode (rows too wide for ``TILE_MIN_ROWS`` rows in a block): blocks of
+  ``GROUP_ROWS`` rows and part of the columns, constants broadcast.
+
+Blocks hold ``block_elems`` values (64 Ki: 512 KiB of float64, an L2's worth) and units of
+work are handed to a small thread pool (``num_threads``, default ``min(2, CPUs)``, env
+``BNREF_NUM_THREADS``); NumPy releases the GIL in its loops. Inputs under
+``PARALLEL_MIN_ELEMS`` (256 Ki values) stay on the calling thread. Partial sums are stored
+by unit and combined in a fixed order, so results are bitwise independent of the thread
+count and of scheduling. Extra memory: the output, two block-sized scratch arrays per thread
+and the constants' arena (both kept between calls: ``kept_nbytes()``), O(C * units) partial
+sums. Scratch arrays and constants sit at distinct offsets modulo 4 KiB ("4K aliasing", see
+``_Arena``).
+
+Training forward and backward in row mode, when a channel holds at most
+``FUSE_MAX_BLOCKS * block_elems`` values (NCHW (64, C, 28, 28): 50 Ki), take one pass per
+channel (``train_forward``, ``train_backward``): the channel is loaded into scratch once, its
+sums computed, then its outputs from the same scratch, so x and dy are read from memory once
+instead of twice. Otherwise statistics and outputs are two passes.
 
 Numerics and the bounds achieved
 --------------------------------
-Statistics (``channel_moments``), always in float64: each block runs the corrected two-pass
-algorithm on its own values (Chan, Golub & LeVeque 1983), the block widened to float64 once::
+Notation here: v = 2**-53 (eps64 = 2v), n values per channel, mu the exact mean,
+sigma**2 = M2 / n, s = |K - mu| / sigma.
 
-    s_k = sum(x);  m_k = s_k / n_k;  d = x - m_k;  c_k = sum(d);  q_k = sum(d*d)
-    M2_k = q_k - c_k**2 / n_k
+Statistics (``channel_stats``), always in float64, by shifted sums: a per-channel shift K
+(the mean of a small sample spread over the data, ``_sample_mean``), then one pass::
 
-and the blocks are combined in one step with the exact pooling identity (the all-at-once
-form of Chan et al.'s merge)::
+    c = sum(x - K);  q = sum((x - K)**2);  mean = K + c/n;  M2 = q - c * (c/n)
 
-    mean    = sum_k(n_k * m_k) / n
-    mean_lo = sum_k(c_k + n_k * (m_k - mean)) / n          # = sum(x - mean) / n
-    M2      = sum_k(M2_k) + sum_k n_k * (m_k - mean + c_k / n_k - mean_lo)**2
+with ``mean_lo`` = the rounding error of ``K + c/n`` (TwoSum), so ``mean + mean_lo`` is
+``K + c/n`` exactly. Every sum is a tree: NumPy's pairwise summation along contiguous
+memory, at most ``GROUP_ROWS`` rows added one after another down columns, and partial sums
+of blocks and units added pairwise; its depth L (additions on the longest path) is at most
+log2(n) + 90. The standard summation bounds give (first order in v)::
 
-(``m_k + c_k / n_k`` is block k's mean with its rounding error removed). Every term is a sum
-of non-negative values or of values near the block mean, so nothing cancels when
-|mean| >> std: mean and M2 are within a small multiple of eps64 * log2(n) of the exact
-values; the tests check 1e-12 relative (mean: relative to ``|mean| + std``) up to
-N*H*W = 1e8 values per channel with mean 1e4, std 1. The gradient sums (``grad_sums``,
-``eval_backward``) are float64 too: ``sum(dy)`` and ``sum(dy * (x - mean))``.
+    |M2_hat - M2| <= v * M2 * ((L + 3) * (1 + s**2 + 2 * s * sqrt(1 + s**2)) + 2 * s**2 + 1)
+    |mean_hat + mean_lo - mu| <= (L + 2) * v * sigma * sqrt(1 + s**2)
+
+Nothing is of the size of |mean|, so |mean| >> std costs nothing. rho is checked after the
+fact from the computed sums: a channel with s > ``SHIFT_MAX_STD`` = 2 is summed once more
+around ``K + c/n``, after which s is O(L v sqrt(1 + s_first**2)) (and s_first <= sqrt(n): a
+sample mean lies within the data). So M2 is within 14 (L + 4) v of the exact value, below
+2e-13 relative for n < 2**40, and mean + mean_lo within 2.3 (L + 2) v sigma;
+the tests check 1e-12 (mean: relative to ``|mean| + std``) up to N*H*W = 1e8 values per
+channel with mean 1e4, std 1, and with the second pass forced. The gradient sums
+(``grad_sums``, ``eval_backward``, ``train_backward``) are float64 too: ``sum(dy)`` and
+``sum(dy * (x - mean))``, pairwise for float64 input; for float32 / float16 input, whose
+sums are rounded to float32 / float16, the row-mode dot product takes one fused pass (one
+accumulator per SIMD lane; error ~ n u, far below eps32).
 
 Elementwise outputs, float64 path (every forward output unless ``FLOAT32_FORWARD``; dx for
 float64 / float16 input and for float32 channels the guards below reject): computed in
@@ -54,6 +77,15 @@ float64, rounded once to the input dtype. ``y`` is
 The mean is subtracted first, so |mean| >> std costs nothing; it is carried as
 ``mean + mean_lo`` (its rounding residual, from the block sums), folded into per-channel
 constants, so float64 outputs stay ulp-accurate when |mean| >> std.
+
+Fused training forward (row mode, one pass per channel): the scratch holds d = fl(x - K)
+with s <= 2, and ``y = fl(fl(a * d) + fl(bias - a * c/n))`` (mu - K = c/n up to the
+statistics' error), in float64 and rounded once: d's rounding costs v |scale| (|x_hat| + s),
+the product and offset v |scale| (|x_hat| + 2 s) + v |bias|, the sum v |y|, so y64 is within
+~10 v S (S below) plus the statistics' own error, and a float32 / float16 result is still the
+float64 answer rounded once (0.5 eps32 S + O(v)). Fused training backward: float64 input
+takes the float64 path below, float32 input the float32 path below, both from x and dy
+already in cache.
 
 For float32 / float16 output, channels with ``|mean| * inv_std <= 2**16`` skip the
 subtraction: ``y = fl(fl(x * a) + b')`` in float64 with ``b' = bias - a * (mean + mean_lo)``.
@@ -146,6 +178,9 @@ GROUP_ROWS = 64
 SHIFT_MAX_STD = 2.0
 #: Scratch arrays a kernel thread uses (and keeps between calls).
 SCRATCH_BUFS = 2
+#: Row mode: training forward and backward take one pass over x (and dy) when a channel's
+#: values fit in this many blocks (each channel is then one block, held in scratch).
+FUSE_MAX_BLOCKS = 4
 #: Inputs with fewer values run on the calling thread only.
 PARALLEL_MIN_ELEMS = 1 << 18
 
@@ -252,8 +287,9 @@ class _Layout:
     channel axis and on the block size, and is cached (``_plan``); a call only makes views.
     """
 
-    def __init__(self, x: np.ndarray, axis: int) -> None:
-        plan = _plan(x.shape, x.strides, x.itemsize, axis, _config["block_elems"])
+    def __init__(self, x: np.ndarray, axis: int, target: int | None = None) -> None:
+        target = _config["block_elems"] if target is None else target
+        plan = _plan(x.shape, x.strides, x.itemsize, axis, target)
         self.__dict__.update(plan.__dict__)
         if self.copy:  # sliced / negative strides: one copy
             x = np.ascontiguousarray(x)
@@ -416,9 +452,16 @@ class _Layout:
             return np.add.reduce(d, axis=None)  # pairwise: contiguous
         return _column_sums(d, None)
 
-    def block_dot(self, a: np.ndarray, b: np.ndarray) -> np.ndarray | float:
-        """``sum(a * b)`` of two loaded blocks, like ``block_sum``; may overwrite ``b``."""
+    def block_dot(self, a: np.ndarray, b: np.ndarray, pairwise: bool = True) -> np.ndarray | float:
+        """``sum(a * b)`` of two loaded blocks, like ``block_sum``; may overwrite ``b``.
+
+        Row mode sums the products pairwise (error ~log2(n) eps64), or with ``pairwise=False``
+        in one fused pass (one accumulator: error up to ~n eps64 of sum|a*b|, still far below
+        eps32: for sums that end up in float32).
+        """
         if self.row_mode:
+            if not pairwise:
+                return np.einsum("ij,ij->", a, b)
             np.multiply(a, b, out=b)
             return np.add.reduce(b, axis=None)
         return _column_sums(a, b)
@@ -861,6 +904,7 @@ def grad_sums(
     With ``mean_lo``, the mean is ``mean + mean_lo``: ``sum(dy*(x-mean)) - mean_lo * sum(dy)``.
     """
     L = _Layout(x, axis)
+    exact = x.dtype == np.float64  # float32/float16 sums are rounded to their dtype
     sdy, sdx = np.empty(L.part_shape), np.empty(L.part_shape)
     vdy, vx, km = L.view(dy), L.x, L.const(mean)
 
@@ -868,7 +912,7 @@ def grad_sums(
         d = _load_minus(bufs[0], vx[blk.idx], L.at(km, blk))
         g = _as_float64(bufs[1], vdy[blk.idx], contiguous_ok=not L.row_mode)
         L.put(sdy, blk, L.block_sum(g))
-        L.put(sdx, blk, L.block_dot(g, d))
+        L.put(sdx, blk, L.block_dot(g, d, pairwise=exact))
 
     L.run(work, bufs=2)
     dbias = L.channel_totals(sdy)
@@ -968,6 +1012,7 @@ def eval_backward(
         z = np.zeros(x.shape[axis])
         return _empty_result(x), z, z.copy()
     L = _Layout(x, axis)
+    exact = x.dtype == np.float64  # float32/float16 sums are rounded to their dtype
     dx, vdx = L.empty_like_x(x.dtype)
     sdy, sdx = np.empty(L.part_shape), np.empty(L.part_shape)
     k = scale * inv_std
@@ -989,9 +1034,174 @@ def eval_backward(
             _store(dst, u)
         d = _load_minus(bufs[0], vx[idx], L.at(km, blk))
         L.put(sdy, blk, L.block_sum(g))
-        L.put(sdx, blk, L.block_dot(g, d))
+        L.put(sdx, blk, L.block_dot(g, d, pairwise=exact))
 
     L.run(work, bufs=2)
     dbias = L.channel_totals(sdy)
     dscale = L.channel_totals(sdx) * inv_std
     return dx, dbias, dscale
+
+
+# -- fused training passes (row mode) -------------------------------------------------------------
+
+
+def _whole_channels(x: np.ndarray, axis: int) -> _Layout | None:
+    """A row-mode layout with one block per channel, or None (column mode, or too large).
+
+    Then one pass can compute a channel's sums and its outputs from the same scratch: x (and
+    dy) are read from memory once instead of twice.
+    """
+    n = x.size // x.shape[axis] if x.shape[axis] else 0
+    if n == 0 or n > FUSE_MAX_BLOCKS * _config["block_elems"]:
+        return None
+    L = _Layout(x, axis, target=max(n, _config["block_elems"]))
+    return L if L.row_mode else None
+
+
+def train_forward(
+    x: np.ndarray, axis: int, scale: np.ndarray, bias: np.ndarray, eps: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training-mode forward: ``(y, mean, mean_lo, M2, inv_std)``, statistics as ``channel_stats``.
+
+    In row mode with channels that fit in scratch, one pass per channel: shifted sums, then
+    ``y = a*(x - K) + (bias - a*(mean - K))`` from the same float64 scratch (module doc).
+    Otherwise ``channel_stats`` followed by ``normalize_affine``.
+    """
+    L = _whole_channels(x, axis)
+    count = x.size // x.shape[axis]
+    if L is None:
+        mean, mean_lo, m2 = channel_stats(x, axis)
+        inv_std = 1.0 / np.sqrt(m2 / count + eps)
+        y = normalize_affine(x, axis, mean, inv_std, scale, bias, mean_lo=mean_lo)
+        return y, mean, mean_lo, m2, inv_std
+    y, vy = L.empty_like_x(x.dtype)
+    shift = _sample_mean(L).tolist()
+    out = np.empty((5, L.C))  # mean, mean_lo, M2, inv_std, second-pass flag
+    vx = L.x
+    scale_l, bias_l = scale.tolist(), bias.tolist()
+
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        c = blk.vidx
+        k = shift[c]
+        d = _load_minus(bufs[0], vx[blk.idx], k)
+        s, q = _sums_of(d, bufs[1])
+        cn = s / count
+        m2 = q - s * cn
+        if s * cn > SHIFT_MAX_STD**2 * m2:  # as channel_stats: once more around the mean
+            k = k + cn
+            d = _load_minus(bufs[0], vx[blk.idx], k)
+            s, q = _sums_of(d, bufs[1])
+            cn = s / count
+            m2 = q - s * cn
+        mean = k + cn
+        back = mean - k
+        mean_lo = (k - (mean - back)) + (cn - back)
+        m2 = max(m2, 0.0)
+        var_eps = m2 / count + eps
+        inv_std = 1.0 / math.sqrt(var_eps) if var_eps != 0 else math.inf  # as NumPy: 1/0 = inf
+        a = scale_l[c] * inv_std
+        # y = a*(x - mu) + bias = a*d + (bias - a*(mu - K)), mu - K = cn (module doc)
+        np.multiply(d, a, out=d)
+        np.add(d, bias_l[c] - a * cn, out=d)
+        _store(vy[blk.idx], d)
+        out[:, c] = (mean, mean_lo, m2, inv_std, 0.0)
+
+    with np.errstate(all="ignore"):  # NaN / inf data: those channels are NaN
+        L.run(work, bufs=2)
+    return y, out[0], out[1], out[2], out[3]
+
+
+def _sums_of(d: np.ndarray, buf: np.ndarray) -> tuple[float, float]:
+    """``(sum(d), sum(d*d))`` of a loaded row-mode block, pairwise, as ``_shifted_sums``."""
+    s = float(np.add.reduce(d, axis=None))
+    sq = _scratch(buf, d.shape)
+    np.multiply(d, d, out=sq)
+    return s, float(np.add.reduce(sq, axis=None))
+
+
+def train_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    axis: int,
+    mean: np.ndarray,
+    inv_std: np.ndarray,
+    scale: np.ndarray,
+    count: int,
+    mean_lo: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Training-mode gradients ``(dx, dbias, dscale)``; dbias, dscale in float64.
+
+    In row mode with channels that fit in scratch, one pass per channel over x and dy: the
+    sums, then ``dx = k*dy + c1*(x - mean) - c0`` in float64 from the same scratch, rounded
+    once. Otherwise ``grad_sums`` followed by ``train_input_grad``.
+    """
+    L = _whole_channels(x, axis)
+    if L is None or x.size == 0:
+        dbias, dscale = grad_sums(dy, x, axis, mean, inv_std, mean_lo=mean_lo)
+        dx = train_input_grad(dy, x, axis, mean, inv_std, scale, count, dbias, dscale, mean_lo)
+        return dx, dbias, dscale
+    exact = x.dtype == np.float64  # float32/float16 sums are rounded to their dtype
+    f32 = x.dtype == np.float32
+    dx, vdx = L.empty_like_x(x.dtype)
+    vdy, vx = L.view(dy), L.x
+    out = np.empty((2, L.C))  # dbias, dscale
+    mean_l, inv_l, scale_l = mean.tolist(), inv_std.tolist(), scale.tolist()
+    lo_l = [0.0] * L.C if mean_lo is None else mean_lo.tolist()
+
+    def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
+        c = blk.vidx
+        d = _load_minus(bufs[0], vx[blk.idx], mean_l[c])
+        g = _load(bufs[1], vdy[blk.idx])
+        dbias = float(np.add.reduce(g, axis=None))
+        if exact:  # pairwise, as grad_sums; d is recomputed (x is in cache now)
+            np.multiply(g, d, out=d)
+            sxd = float(np.add.reduce(d, axis=None))
+            d = _load_minus(bufs[0], vx[blk.idx], mean_l[c])
+        else:
+            sxd = float(np.einsum("ij,ij->", g, d))
+        inv = inv_l[c]
+        dscale = (sxd - lo_l[c] * dbias) * inv
+        k = scale_l[c] * inv
+        c1 = -k * inv * dscale / count
+        c0 = k * dbias / count
+        out[0, c], out[1, c] = dbias, dscale
+        f32c = _f32_dx_constants(mean_l[c], lo_l[c], inv, k, c1, c0, count) if f32 else None
+        if f32c is not None:  # the float32 path of train_input_grad, from x and dy in cache
+            mh, k32, c1_32, e32 = f32c
+            t, u = _scratch32(bufs[0], blk.shape), _scratch32(bufs[1], blk.shape)
+            np.subtract(vx[blk.idx], mh, out=t)
+            np.multiply(t, c1_32, out=t)
+            np.add(t, e32, out=t)
+            np.multiply(vdy[blk.idx], k32, out=u)
+            np.add(u, t, out=vdx[blk.idx])
+            return
+        c0 = c0 + c1 * lo_l[c]
+        np.multiply(d, c1, out=d)
+        np.multiply(g, k, out=g)
+        np.add(g, d, out=g)
+        np.subtract(g, c0, out=g)
+        _store(vdx[blk.idx], g)
+
+    with np.errstate(all="ignore"):
+        L.run(work, bufs=2)
+    return dx, out[0], out[1]
+
+
+def _f32_dx_constants(
+    mean: float, mean_lo: float, inv_std: float, k: float, c1: float, c0: float, count: int
+) -> tuple[np.float32, np.float32, np.float32, np.float32] | None:
+    """One channel's float32 dx constants ``(mean_hi, k32, c1_32, e32)``, as ``train_input_grad``.
+
+    None where that path's guards fail (the channel then takes the float64 path).
+    """
+    with np.errstate(all="ignore"):
+        mh = np.float32(mean)
+        r = (mean - float(mh)) + mean_lo
+        c1_32 = np.float32(c1)
+        e = -c0 - float(c1_32) * r
+        v = np.array([k, c1, e])
+        ok = abs(r) * inv_std * math.sqrt(count) <= 1 / 3
+        ok = ok and bool(np.all(_f32_safe(v[:2]))) and bool(_f32_safe(v[2:], zero_small=True)[0])
+    if not ok:
+        return None
+    return mh, np.float32(k), c1_32, np.float32(e)

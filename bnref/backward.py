@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnref._kernels import eval_backward, grad_sums, train_input_grad
+from bnref._kernels import eval_backward, train_backward
 from bnref._validation import (
     check_array,
     check_channel_vector,
@@ -56,10 +56,8 @@ def batch_norm_train_backward(
     x = cache.x
     dy = _check_dy(dy, x)
     mean_lo = cache.mean_residual
-    dbias, dscale = grad_sums(dy, x, cache.axis, cache.mean, cache.inv_std, mean_lo=mean_lo)
-    dx = train_input_grad(
-        dy, x, cache.axis, cache.mean, cache.inv_std, cache.scale, cache.moments.count,
-        dbias, dscale, mean_lo=mean_lo,
+    dx, dbias, dscale = train_backward(
+        dy, x, cache.axis, cache.mean, cache.inv_std, cache.scale, cache.moments.count, mean_lo
     )
     dt = x.dtype
     return dx.astype(dt, copy=False), dscale.astype(dt), dbias.astype(dt)

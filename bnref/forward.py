@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnref._kernels import normalize_affine
+from bnref._kernels import normalize_affine, train_forward
 from bnref._validation import (
     check_array,
     check_channel_vector,
@@ -86,9 +86,11 @@ def batch_norm_train(
         which is what running-statistic updates and Precise BN consume.
     """
     x, axis, scale64, bias64, eps = _prepare(x, scale, bias, eps, axis)
-    moments, mean_lo = Moments._from_array_with_residual(x, axis)
-    inv_std = 1.0 / np.sqrt(moments.var(ddof=0) + eps)
-    y = normalize_affine(x, axis, moments.mean, inv_std, scale64, bias64, mean_lo=mean_lo)
+    count = x.size // x.shape[axis] if x.shape[axis] else 0
+    if count == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}, channel axis {axis})")
+    y, mean, mean_lo, m2, inv_std = train_forward(x, axis, scale64, bias64, eps)
+    moments = Moments(count, mean, m2)
     cache = BatchNormCache(
         x=x, axis=axis, eps=eps, scale=scale64, moments=moments, inv_std=inv_std,
         mean_residual=mean_lo,
