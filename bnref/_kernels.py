@@ -588,7 +588,13 @@ def scratch_nbytes_per_thread() -> int:
 
 
 def kept_nbytes() -> int:
-    """Bytes the kernels keep between calls now: scratch of every thread, constants' arenas."""
+    """Bytes the kernels keep between calls now: scratch of every live thread, constants' arenas.
+
+    A thread's buffers are thread-local and freed when it exits; its entries are dropped here.
+    """
+    alive = {t.ident for t in threading.enumerate()}
+    for key in [k for k in _kept if k[0] not in alive]:
+        _kept.pop(key, None)
     return sum(_kept.values())
 
 
