@@ -83,9 +83,9 @@ with s <= 2, and ``y = fl(fl(a * d) + fl(bias - a * c/n))`` (mu - K = c/n up to 
 statistics' error), in float64 and rounded once: d's rounding costs v |scale| (|x_hat| + s),
 the product and offset v |scale| (|x_hat| + 2 s) + v |bias|, the sum v |y|, so y64 is within
 ~10 v S (S below) plus the statistics' own error, and a float32 / float16 result is still the
-float64 answer rounded once (0.5 eps32 S + O(v)). Fused training backward: float64 input
-takes the float64 path below, float32 input the float32 path below, both from x and dy
-already in cache.
+float64 answer rounded once (0.5 eps32 S + O(v)). Fused training backward: the float64 path
+below for every dtype, from x and dy in scratch (float32 dx: rounded once, <= 0.5 eps32 +
+O(v) of its natural scale, tighter than the float32 path's 2.5 eps32).
 
 For float32 / float16 output, channels with ``|mean| * inv_std <= 2**16`` skip the
 subtraction: ``y = fl(fl(x * a) + b')`` in float64 with ``b' = bias - a * (mean + mean_lo)``.
@@ -1139,7 +1139,8 @@ def train_backward(
 
     In row mode with channels that fit in scratch, one pass per channel over x and dy: the
     sums, then ``dx = k*dy + c1*(x - mean) - c0`` in float64 from the same scratch, rounded
-    once. Otherwise ``grad_sums`` followed by ``train_input_grad``.
+    once (the float32 path of ``train_input_grad`` would read x and dy again, strided: slower
+    here). Otherwise ``grad_sums`` followed by ``train_input_grad``.
     """
     L = _whole_channels(x, axis)
     if L is None or x.size == 0:
@@ -1147,7 +1148,6 @@ def train_backward(
         dx = train_input_grad(dy, x, axis, mean, inv_std, scale, count, dbias, dscale, mean_lo)
         return dx, dbias, dscale
     exact = x.dtype == np.float64  # float32/float16 sums are rounded to their dtype
-    f32 = x.dtype == np.float32
     dx, vdx = L.empty_like_x(x.dtype)
     vdy, vx = L.view(dy), L.x
     out = np.empty((2, L.C))  # dbias, dscale
@@ -1169,19 +1169,8 @@ def train_backward(
         dscale = (sxd - lo_l[c] * dbias) * inv
         k = scale_l[c] * inv
         c1 = -k * inv * dscale / count
-        c0 = k * dbias / count
+        c0 = k * dbias / count + c1 * lo_l[c]
         out[0, c], out[1, c] = dbias, dscale
-        f32c = _f32_dx_constants(mean_l[c], lo_l[c], inv, k, c1, c0, count) if f32 else None
-        if f32c is not None:  # the float32 path of train_input_grad, from x and dy in cache
-            mh, k32, c1_32, e32 = f32c
-            t, u = _scratch32(bufs[0], blk.shape), _scratch32(bufs[1], blk.shape)
-            np.subtract(vx[blk.idx], mh, out=t)
-            np.multiply(t, c1_32, out=t)
-            np.add(t, e32, out=t)
-            np.multiply(vdy[blk.idx], k32, out=u)
-            np.add(u, t, out=vdx[blk.idx])
-            return
-        c0 = c0 + c1 * lo_l[c]
         np.multiply(d, c1, out=d)
         np.multiply(g, k, out=g)
         np.add(g, d, out=g)
@@ -1192,22 +1181,3 @@ def train_backward(
         L.run(work, bufs=2)
     return dx, out[0], out[1]
 
-
-def _f32_dx_constants(
-    mean: float, mean_lo: float, inv_std: float, k: float, c1: float, c0: float, count: int
-) -> tuple[np.float32, np.float32, np.float32, np.float32] | None:
-    """One channel's float32 dx constants ``(mean_hi, k32, c1_32, e32)``, as ``train_input_grad``.
-
-    None where that path's guards fail (the channel then takes the float64 path).
-    """
-    with np.errstate(all="ignore"):
-        mh = np.float32(mean)
-        r = (mean - float(mh)) + mean_lo
-        c1_32 = np.float32(c1)
-        e = -c0 - float(c1_32) * r
-        v = np.array([k, c1, e])
-        ok = abs(r) * inv_std * math.sqrt(count) <= 1 / 3
-        ok = ok and bool(np.all(_f32_safe(v[:2]))) and bool(_f32_safe(v[2:], zero_small=True)[0])
-    if not ok:
-        return None
-    return mh, np.float32(k), c1_32, np.float32(e)
