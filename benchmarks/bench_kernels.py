@@ -18,8 +18,9 @@ up to 2x longer). The default wait policy is kept: it is how PyTorch runs.
 
 It reports medians and bnref/PyTorch ratios (and the best call, less sensitive to other load
 on a shared machine), the cost of ``PreciseBN.update`` and ``Moments.merge`` (O(C)), and
-bnref's peak extra memory (tracemalloc, plus the scratch and constants it keeps between
-calls, ``_kernels.kept_nbytes()``) relative to the input, and writes everything with a
+bnref's peak extra memory relative to the input (tracemalloc, from a state where the scratch
+and constants the kernels keep between calls were released, so the ones this call needs are
+counted), and writes everything with a
 machine description to ``benchmarks/results/kernels.json``.
 
     python benchmarks/bench_kernels.py                # run (a few minutes), write the JSON
@@ -142,6 +143,7 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
     }
     times: dict = {k: [] for k in fns}  # steady state
     first: dict = {k: [] for k in fns}  # the first call after another function
+    rounds_med: dict = {k: [] for k in fns}  # per round: median of its steady-state calls
     for fn in fns.values():  # warm-up
         fn()
     # Each round runs every function 1 + repeat times back to back. The first call of a group
@@ -152,21 +154,29 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
     for _ in range(rounds):
         for k, fn in fns.items():
             first[k].append(_timer(fn))
-            for _ in range(repeat):
-                times[k].append(_timer(fn))
+            steady = [_timer(fn) for _ in range(repeat)]
+            times[k] += steady
+            rounds_med[k].append(statistics.median(steady))
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     best = {k: min(v) * 1e3 for k, v in times.items()}
     med1 = {k: statistics.median(v) * 1e3 for k, v in first.items()}
 
+    def paired(op: str, per_round: dict) -> float:
+        """Median over rounds of the ratio within a round: noise that slows a whole round
+        (a shared machine) cancels."""
+        b, t = per_round[("bnref", op)], per_round[("torch", op)]
+        return statistics.median(bi / ti for bi, ti in zip(b, t, strict=True))
+
     # Peak extra memory of bnref (NumPy allocations are traced), relative to the input size.
     mem = {}
     for op in OPS:
+        # From a clean state: the scratch and constants the kernels keep between calls are
+        # released first, so the traced peak includes what this call makes them keep.
+        _kernels.release_kept_memory()
         tracemalloc.start()
         tracemalloc.reset_peak()
         fns[("bnref", op)]()
-        # Plus the scratch and tiles the kernels keep between calls (allocated before tracing).
-        kept = _kernels.kept_nbytes()
-        mem[op] = (tracemalloc.get_traced_memory()[1] + kept) / x.nbytes
+        mem[op] = tracemalloc.get_traced_memory()[1] / x.nbytes
         tracemalloc.stop()
 
     row = {
@@ -183,14 +193,15 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         row["ops"][op] = {
             "bnref_ms": round(bn, 3),
             "torch_ms": round(th, 3),
-            "ratio": round(bn / th, 3),
+            "ratio": round(paired(op, rounds_med), 3),
+            "ratio_of_medians": round(bn / th, 3),
             "bnref_best_ms": round(bb, 3),
             "torch_best_ms": round(tb, 3),
             "ratio_best": round(bb / tb, 3),
             "single_call": {
                 "bnref_ms": round(med1[("bnref", op)], 3),
                 "torch_ms": round(med1[("torch", op)], 3),
-                "ratio": round(med1[("bnref", op)] / med1[("torch", op)], 3),
+                "ratio": round(paired(op, first), 3),
             },
             "bnref_peak_mem_over_input": round(mem[op], 3),
         }
@@ -231,9 +242,11 @@ def run(rounds: int, threads: int, repeat: int = 2) -> dict:
         "rounds": rounds,
         "repeat": repeat,
         "statistic": (
-            "per round every function runs 1 + repeat times back to back; ratio: median of the "
-            "repeat (steady-state) calls; ratio_best: their minimum; single_call: median of the "
-            "first call of each group (right after the other library ran)"
+            "per round every function runs 1 + repeat times back to back; ratio: median over "
+            "rounds of bnref/PyTorch within the round (each side: median of its repeat "
+            "steady-state calls); *_ms: medians over all steady-state calls; ratio_best: ratio "
+            "of the minima; single_call: the same for the first call of each group (right "
+            "after the other library ran)"
         ),
         "results": [],
     }

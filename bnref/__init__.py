@@ -2,7 +2,7 @@
 
 Where each concept lives:
 
-* ``bnref.moments``      — ``Moments``: per-channel count/mean/M2, exact two-pass and exact merge.
+* ``bnref.moments``      — ``Moments``: per-channel count/mean/M2, accurate shifted sums and exact merge.
 * ``bnref.forward``      — ``batch_norm_train`` / ``batch_norm_eval``.
 * ``bnref.backward``     — ``batch_norm_train_backward`` / ``batch_norm_eval_backward``.
 * ``bnref.conventions``  — each framework's momentum/eps/Bessel/axis conventions as data.

@@ -17,7 +17,7 @@ once. The structure below depends only on shape, strides, axis and block size an
   block is a run of whole rows (contiguous). Per-channel constants are repeated into a tile
   of the block's shape, because NumPy's loops run ~1.6-2.6x faster on two operands of one
   shape than on a vector broadcast down a block; tiles live in a per-caller arena
-  (``_Arena``). Consecutive blocks up to ``GROUP_ROWS`` rows form a unit of work that shares
+  (``_Arena``). Consecutive blocks up to ``UNIT_ROWS`` rows form a unit of work that shares
   one row of partial sums.
 * General column mode (rows too wide for ``TILE_MIN_ROWS`` rows in a block): blocks of
   ``GROUP_ROWS`` rows and part of the columns, constants broadcast.
@@ -174,6 +174,8 @@ ROW_MODE_MIN_RUN = 64
 TILE_MIN_ROWS = 16
 #: Column sums add at most this many rows one after another; groups are added pairwise.
 GROUP_ROWS = 64
+#: Tiled column mode: consecutive blocks up to this many rows share one row of partial sums.
+UNIT_ROWS = 64
 #: channel_stats sums again, around the mean, a channel whose first shift was farther than
 #: this many standard deviations from its mean (module doc: the error bound).
 SHIFT_MAX_STD = 2.0
@@ -382,7 +384,7 @@ class _Layout:
         Column mode: a block is ``x2[r0:r1, w0:w1]``, summed down its columns. "Tiled" column
         mode: blocks of whole rows (contiguous), at least ``min(A, TILE_MIN_ROWS)`` of them,
         whose per-channel constants are tiles of the block's shape; consecutive blocks up to
-        ``GROUP_ROWS`` rows form one unit of work that shares one row of partial sums (fewer
+        ``UNIT_ROWS`` rows form one unit of work that shares one row of partial sums (fewer
         partial sums to store and add up). Otherwise (very wide rows) blocks of
         ``GROUP_ROWS`` rows and part of the columns.
 
@@ -412,7 +414,7 @@ class _Layout:
             if rows_fit >= min(A, TILE_MIN_ROWS):
                 self.tiled = True
                 rb = min(A, rows_fit)  # rows per block
-                gr = rb * max(1, -(-GROUP_ROWS // rb))  # rows per unit
+                gr = rb * max(1, -(-UNIT_ROWS // rb))  # rows per unit
                 ws = slice(0, W)
                 units = []
                 for i in range(-(-A // gr)):
@@ -479,15 +481,19 @@ class _Layout:
 
     # Execution ----------------------------------------------------------------------------------
 
-    def run(self, work: Callable[[_Block, tuple[np.ndarray, ...]], None], bufs: int) -> None:
+    def run(
+        self, work: Callable[[_Block, tuple[np.ndarray, ...]], None], bufs: int, sums: bool = True
+    ) -> None:
         """Call ``work(block, scratch)`` for every block, on up to ``num_threads`` threads.
 
-        A unit's blocks run one after another on one thread. ``scratch`` holds ``bufs`` per-thread float64 arrays of ``max_block`` values (kept
+        With ``sums`` (work that records partial sums), a unit's blocks run one after another
+        on one thread; without, every block is a unit of its own (finer load balance).
+        ``scratch`` holds ``bufs`` per-thread float64 arrays of ``max_block`` values (kept
         between calls up to the default block size, see ``_thread_scratch``). Inputs smaller
         than ``PARALLEL_MIN_ELEMS`` run on the calling thread: a hand-off costs more than it
         saves there.
         """
-        units = self.units
+        units = self.units if sums else [[b] for b in self.blocks]
         threads = min(_config["threads"], len(units))
         if self.A * self.C * self.B < _config["parallel_min"]:
             threads = 1
@@ -567,10 +573,10 @@ def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     """
     if size > BLOCK_ELEMS:
         return tuple(_scratch_array(size, k) for k in range(count))
-    kept = getattr(_tls, "bufs", ())
+    kept = getattr(_tls, "bufs", ()) if getattr(_tls, "bufs_gen", -1) == _generation else ()
     if len(kept) < count or kept[0].size < size:
         kept = tuple(_scratch_array(BLOCK_ELEMS, k) for k in range(max(count, len(kept))))
-        _tls.bufs = kept
+        _tls.bufs, _tls.bufs_gen = kept, _generation
         _register_kept("scratch", sum(b.nbytes for b in kept))
     return kept[:count]
 
@@ -622,12 +628,13 @@ class _Arena:
         self.base = (-self.buf.ctypes.data) % 4096  # first 4 KiB boundary in buf
         self.cursor = 0
         self.count = 0
-        _register_kept("arena", nbytes)
+        self.generation = _generation
+        _register_kept("arena", self.buf.nbytes)
 
     @staticmethod
     def mine() -> _Arena:
         arena = getattr(_tls, "arena", None)
-        if arena is None:
+        if arena is None or arena.generation != _generation:
             arena = _tls.arena = _Arena(0)
         return arena
 
@@ -648,6 +655,18 @@ class _Arena:
 
 
 _kept: dict[tuple[int, str], int] = {}
+_generation = 0  # kept buffers of an older generation are dropped on their next use
+
+
+def release_kept_memory() -> None:
+    """Let go of the scratch and arenas the kernels keep between calls (all threads).
+
+    Each thread drops its buffers at its next kernel call (reallocating what that call needs)
+    or when it exits. For memory measurements and long-lived processes done with bnref.
+    """
+    global _generation
+    _generation += 1
+    _kept.clear()
 
 
 def _register_kept(kind: str, nbytes: int) -> None:
@@ -894,7 +913,7 @@ def normalize_affine(
         np.add(t, L.at(kb, blk), out=t)
         _store(dst, t)
 
-    L.run(work, bufs=1)
+    L.run(work, bufs=1, sums=False)
     return y
 
 
@@ -1001,7 +1020,7 @@ def train_input_grad(
         np.subtract(u, L.at(kc0, blk), out=u)
         _store(dst, u)
 
-    L.run(work, bufs=2)
+    L.run(work, bufs=2, sums=False)
     return dx
 
 

@@ -16,11 +16,13 @@ Inference mode (statistics are constants)::
     dx = dy * scale / sqrt(var + eps);  dscale = sum(dy * x_hat);  dbias = sum(dy)
 
 Results are returned in the dtype of ``x``. Per-channel sums (dscale, dbias) are accumulated in
-float64 and rounded once. dx for float64 input is computed in float64; for float32 input it is
-float32 arithmetic on per-channel constants derived in float64 (the float32 mean subtracted
-first), proved and tested within 2.5 * eps32 of the natural scale ``|gamma| / std * (|dy| +
-rms(dy) * (1 + |x_hat|))``, with a per-channel fallback to float64 where that bound would not
-hold (see ``bnref._kernels``).
+float64 and rounded once. dx for float64 input is computed in float64. For float32 input in
+training mode it is the float64 answer rounded once when each channel fits in the kernels'
+scratch (channel-major layouts such as NCHW: one pass over x and dy); otherwise float32
+arithmetic on per-channel constants derived in float64 (the float32 mean subtracted first),
+proved and tested within 2.5 * eps32 of the natural scale ``|gamma| / std * (|dy| + mean|dy|
++ |x_hat| * mean|dy * x_hat|)``, with a per-channel fallback to float64 where that bound would
+not hold (see ``bnref._kernels``).
 """
 
 from __future__ import annotations

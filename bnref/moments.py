@@ -6,13 +6,17 @@ reported by someone else (``Moments.from_mean_var``), and the pooled statistics 
 
 Numerics (float64 throughout):
 
-* ``from_array`` uses the corrected two-pass algorithm (Chan, Golub & LeVeque 1983, eq. 1.7)::
+* ``from_array`` uses the corrected formula of Chan, Golub & LeVeque (1983, eq. 1.7) on data
+  shifted by K, a per-channel value near the mean (the mean of a small sample)::
 
-      mean = sum(x) / n
-      d    = x - mean
+      d    = x - K
+      mean = K + sum(d) / n
       M2   = sum(d**2) - sum(d)**2 / n
 
-  There is no ``E[x**2] - E[x]**2`` anywhere, so |mean| >> std loses nothing.
+  Its error grows with ((K - mean) / std)**2 only, never with |mean|: a channel whose K turns
+  out more than 2 std from its mean is summed again around its mean (K = the exact mean is
+  the classic corrected two-pass). There is no ``E[x**2] - E[x]**2`` anywhere, so
+  |mean| >> std loses nothing; M2 is within ~2e-13 relative (``bnref._kernels``).
 * ``merge`` is the pairwise update of Chan et al. (1979), written in a symmetric form so that
   ``a.merge(b)`` and ``b.merge(a)`` are bitwise equal::
 
@@ -69,7 +73,7 @@ class Moments:
 
     @classmethod
     def from_array(cls, x: np.ndarray, axis: int = 1) -> Moments:
-        """Moments over every axis of ``x`` but the channel ``axis`` (two-pass, float64)."""
+        """Moments over every axis of ``x`` but the channel ``axis`` (shifted sums, float64)."""
         return cls._from_array_with_residual(x, axis)[0]
 
     @classmethod

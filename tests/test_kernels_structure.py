@@ -219,9 +219,9 @@ def ran(monkeypatch):
     seen = []
     orig = _kernels._Layout.run
 
-    def spy(self, work, bufs):
+    def spy(self, work, bufs, **kw):
         seen.append(self)
-        return orig(self, work, bufs)
+        return orig(self, work, bufs, **kw)
 
     monkeypatch.setattr(_kernels._Layout, "run", spy)
     return seen
