@@ -167,6 +167,9 @@ import numpy as np
 
 #: Values per block: 64 Ki float64 = 512 KiB, the L2 size of common x86 cores.
 BLOCK_ELEMS = 1 << 16
+#: Large inputs take blocks of up to this many values (1/16 of the input): fewer, longer NumPy
+#: calls stream memory better (NHWC (64, 28, 28, 256): 1.5-1.8x faster than 64 Ki blocks).
+MAX_BLOCK_ELEMS = 1 << 18
 #: Channels whose inner run B is at least this long, and that hold at least half a block, are
 #: reduced along rows ("row mode").
 ROW_MODE_MIN_RUN = 64
@@ -209,6 +212,7 @@ FLOAT32_FORWARD = False
 
 _config = {
     "block_elems": BLOCK_ELEMS,
+    "max_block_elems": MAX_BLOCK_ELEMS,
     "threads": _default_threads(),
     "parallel_min": PARALLEL_MIN_ELEMS,
     "float32_forward": FLOAT32_FORWARD,
@@ -236,10 +240,12 @@ def tuning(
     threads: int | None = None,
     parallel_min: int | None = None,
     float32_forward: bool | None = None,
+    max_block_elems: int | None = None,
 ) -> Iterator[None]:
     """Temporarily change the kernels' tuning (tests use tiny blocks and ``parallel_min=0``).
 
-    ``block_elems``: values per block; ``threads``: thread count; ``parallel_min``: inputs
+    ``block_elems``: values per block (``max_block_elems``: at most, for large inputs; it
+    follows ``block_elems`` unless given); ``threads``: thread count; ``parallel_min``: inputs
     smaller than this stay on one thread; ``float32_forward``: float32 y by the float32 path.
     """
     old = dict(_config)
@@ -252,6 +258,9 @@ def tuning(
             if block_elems < 1:
                 raise ValueError(f"block_elems must be >= 1, got {block_elems}")
             _config["block_elems"] = int(block_elems)
+            _config["max_block_elems"] = int(block_elems)
+        if max_block_elems is not None:
+            _config["max_block_elems"] = max(int(max_block_elems), _config["block_elems"])
         if threads is not None:
             set_num_threads(threads)
         yield
@@ -291,7 +300,7 @@ class _Layout:
     """
 
     def __init__(self, x: np.ndarray, axis: int, target: int | None = None) -> None:
-        target = _config["block_elems"] if target is None else target
+        target = _block_target(x.size) if target is None else target
         plan = _plan(x.shape, x.strides, x.itemsize, axis, target)
         self.__dict__.update(plan.__dict__)
         if self.copy:  # sliced / negative strides: one copy
@@ -564,18 +573,25 @@ def _fold_rows(p: np.ndarray) -> np.ndarray:
 _tls = threading.local()
 
 
+def _block_target(n: int) -> int:
+    """Values per block for an input of ``n`` values: 1/16 of it, within the configured range."""
+    return min(_config["max_block_elems"], max(_config["block_elems"], n // 16))
+
+
 def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     """``count`` float64 scratch arrays of at least ``size`` values for this thread.
 
-    Arrays up to ``BLOCK_ELEMS`` values are kept per thread and reused (a fresh allocation
-    page-faults on every call): at most ``SCRATCH_BUFS`` * 512 KiB per thread. Larger ones (a
-    raised block size) are allocated for the call and freed after it.
+    Arrays up to ``max_block_elems`` values are kept per thread and reused (a fresh
+    allocation page-faults on every call): ``SCRATCH_BUFS`` of the largest block size used so
+    far (512 KiB each for inputs up to 1 Mi values, at most 2 MiB). Larger ones (the fused
+    passes' whole channels) are allocated for the call and freed after it.
     """
-    if size > BLOCK_ELEMS:
+    if size > max(_config["max_block_elems"], BLOCK_ELEMS):
         return tuple(_scratch_array(size, k) for k in range(count))
     kept = getattr(_tls, "bufs", ()) if getattr(_tls, "bufs_gen", -1) == _generation else ()
     if len(kept) < count or kept[0].size < size:
-        kept = tuple(_scratch_array(BLOCK_ELEMS, k) for k in range(max(count, len(kept))))
+        n = max(size, BLOCK_ELEMS, kept[0].size if kept else 0)
+        kept = tuple(_scratch_array(n, k) for k in range(max(count, len(kept))))
         _tls.bufs, _tls.bufs_gen = kept, _generation
         _register_kept("scratch", sum(b.nbytes for b in kept))
     return kept[:count]
@@ -1083,7 +1099,7 @@ def _whole_channels(x: np.ndarray, axis: int) -> _Layout | None:
     n = x.size // x.shape[axis] if x.shape[axis] else 0
     if n == 0 or n > FUSE_MAX_BLOCKS * _config["block_elems"]:
         return None
-    L = _Layout(x, axis, target=max(n, _config["block_elems"]))
+    L = _Layout(x, axis, target=max(n, _block_target(x.size)))
     return L if L.row_mode else None
 
 

@@ -182,7 +182,8 @@ def bn_cases(
     """Strategy for ``BNCase``, one drawn test case.
 
     Per-channel std drawn log-uniformly in [1e-3, 1e3], mean up to
-    ``max_abs_mean_over_std`` stds away from 0 (raise it to probe cancellation), random gamma/beta
+    ``max_abs_mean_over_std`` stds away from 0 (raise it to probe cancellation), both exact for
+    the drawn batch (standardized per channel, before rounding to ``dtype``), random gamma/beta
     (signed) and running statistics, and a random (never all-ones) upstream gradient.
     """
     _require_hypothesis()
@@ -199,7 +200,14 @@ def bn_cases(
         cs = channel_shape(len(shape), ax, c)
         std = 10.0 ** rng.uniform(min_log10_std, max_log10_std, size=c)
         loc = rng.uniform(-max_abs_mean_over_std, max_abs_mean_over_std, size=c) * std
-        x = (rng.standard_normal(shape) * std.reshape(cs) + loc.reshape(cs)).astype(dtype)
+        # Standardized per channel, so that the batch itself (not only the distribution it is
+        # drawn from) has mean loc and std std: a few draws can otherwise have a far smaller
+        # spread, and |mean| / std far beyond max_abs_mean_over_std.
+        z = rng.standard_normal(shape)
+        axes = reduce_axes(len(shape), ax)
+        zs = z.std(axis=axes, keepdims=True)
+        z = np.where(zs > 0, (z - z.mean(axis=axes, keepdims=True)) / np.where(zs > 0, zs, 1), z)
+        x = (z * std.reshape(cs) + loc.reshape(cs)).astype(dtype)
         scale = rng.uniform(0.2, 2.0, size=c) * rng.choice([-1.0, 1.0], size=c)
         bias = rng.standard_normal(c)
         running_mean = rng.standard_normal(c)
