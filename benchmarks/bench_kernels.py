@@ -131,6 +131,10 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
     yg = F.batch_norm(xg, rm.clone(), rv.clone(), wg, bg, training=True)
     _, cache = bnref.batch_norm_train(x, scale, bias, axis=axis)
     mean, var = cache.mean, cache.var
+    ax = axis % x.ndim
+    axes = tuple(i for i in range(x.ndim) if i != ax)
+    letters = "abcdefgh"[: x.ndim]
+    sub = f"{letters},{letters}->{letters[ax]}"
 
     fns = {
         ("bnref", "train_fwd"): lambda: bnref.batch_norm_train(x, scale, bias, axis=axis),
@@ -140,6 +144,13 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         ("bnref", "train_bwd"): lambda: bnref.batch_norm_train_backward(dy, cache),
         ("torch", "train_bwd"): lambda: torch.autograd.grad(yg, [xg, wg, bg], gt, retain_graph=True),
         ("copy", "copy"): lambda: x.copy(),
+        # A floor for any NumPy implementation of exact statistics: the two float64 reductions
+        # (sum and sum of squares) as single NumPy calls, without the shift that |mean| >> std
+        # needs and without the normalization.
+        ("floor", "stats64"): lambda: (
+            np.add.reduce(x, axis=axes, dtype=np.float64),
+            np.einsum(sub, x, x, dtype=np.float64),
+        ),
     }
     times: dict = {k: [] for k in fns}  # steady state
     first: dict = {k: [] for k in fns}  # the first call after another function
@@ -185,6 +196,10 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         "shape": list(shape),
         "axis": axis,
         "copy_ms": round(med[("copy", "copy")], 3),
+        "numpy_stats_floor_ms": round(med[("floor", "stats64")], 3),
+        "numpy_stats_floor_over_torch_train_fwd": round(
+            med[("floor", "stats64")] / med[("torch", "train_fwd")], 3
+        ),
         "ops": {},
     }
     for op in OPS:
@@ -314,6 +329,16 @@ def markdown(data: dict) -> str:
             f"{a['moments_merge_us']:.0f} µs for C = {a['channels']} "
             f"({100 * a['fraction_of_nchw_float32_forward']:.3f} % of a float32 NCHW forward).",
         ]
+    floors = ", ".join(
+        f"{r['case']} {r['dtype']} {r['numpy_stats_floor_over_torch_train_fwd']:.2f}×"
+        for r in data["results"]
+        if "numpy_stats_floor_over_torch_train_fwd" in r and r["case"] == "(256,4096)"
+    )
+    if floors:
+        lines.append(
+            "NumPy floor for exact statistics (the float64 sum and sum of squares as two single "
+            f"NumPy calls, nothing else) over PyTorch's whole training forward: {floors}."
+        )
     peak = max(o["bnref_peak_mem_over_input"] for r in data["results"] for o in r["ops"].values())
     lines.append(f"Peak extra memory of bnref (output included): ≤ {peak:.2f} × the input size.")
     return "\n".join(lines)

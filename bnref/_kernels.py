@@ -586,6 +586,8 @@ def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     far (512 KiB each for inputs up to 1 Mi values, at most 2 MiB). Larger ones (the fused
     passes' whole channels) are allocated for the call and freed after it.
     """
+    if count == 0:
+        return ()
     if size > max(_config["max_block_elems"], BLOCK_ELEMS):
         return tuple(_scratch_array(size, k) for k in range(count))
     kept = getattr(_tls, "bufs", ()) if getattr(_tls, "bufs_gen", -1) == _generation else ()
