@@ -86,7 +86,7 @@ def machine() -> dict:
         "bnref_threads": _kernels.num_threads(),
         "bnref_block_elems": _kernels._config["block_elems"],
         "bnref_float32_forward": _kernels._config["float32_forward"],
-        "bnref_kept_bytes": _kernels.kept_nbytes(),
+        "bnref_max_block_elems": _kernels._config["max_block_elems"],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -10,9 +10,10 @@ array is C-contiguous (NCHW stays NCHW; a channels-last array or a transposed vi
 B: everything after it). Arrays that are not a permutation of a contiguous array are copied
 once. The structure below depends only on shape, strides, axis and block size and is cached.
 
-* Row mode (``B >= 64`` and at least half a block per channel: NCHW, 5-D): a block is ``x3[a0:a1, c, b0:b1]``, one channel, so
-  every per-channel constant is a scalar (NumPy's fastest loops) and the block sums to one
-  number.
+* Row mode (``B >= 64`` and at least half a block per channel: NCHW, 5-D): a block is
+  ``x3[a0:a1, c, b0:b1]``, one channel, so every per-channel constant is a scalar (NumPy's
+  fastest loops) and the block sums to one number. (Smaller channels go to column mode: one
+  block per channel would be small, and per-block overhead would dominate.)
 * Tiled column mode (NHWC, (N, C), short B): the data is an ``(A, W = C*B)`` matrix and a
   block is a run of whole rows (contiguous). Per-channel constants are repeated into a tile
   of the block's shape, because NumPy's loops run ~1.6-2.6x faster on two operands of one
@@ -22,8 +23,9 @@ once. The structure below depends only on shape, strides, axis and block size an
 * General column mode (rows too wide for ``TILE_MIN_ROWS`` rows in a block): blocks of
   ``GROUP_ROWS`` rows and part of the columns, constants broadcast.
 
-Blocks hold ``block_elems`` values (64 Ki: 512 KiB of float64, an L2's worth) and units of
-work are handed to a small thread pool (``num_threads``, default ``min(2, CPUs)``, env
+Blocks hold 1/16 of the input, at least ``block_elems`` values (64 Ki: 512 KiB of float64,
+an L2's worth) and at most ``max_block_elems`` (256 Ki: fewer, longer NumPy calls stream
+large inputs faster), and units of work are handed to a small thread pool (``num_threads``, default ``min(2, CPUs)``, env
 ``BNREF_NUM_THREADS``); NumPy releases the GIL in its loops. Inputs under
 ``PARALLEL_MIN_ELEMS`` (256 Ki values) stay on the calling thread. Partial sums are stored
 by unit and combined in a fixed order, so results are bitwise independent of the thread
@@ -182,8 +184,6 @@ UNIT_ROWS = 64
 #: channel_stats sums again, around the mean, a channel whose first shift was farther than
 #: this many standard deviations from its mean (module doc: the error bound).
 SHIFT_MAX_STD = 2.0
-#: Scratch arrays a kernel thread uses (and keeps between calls).
-SCRATCH_BUFS = 2
 #: Row mode: training forward and backward take one pass over x (and dy) when a channel's
 #: values fit in this many blocks (each channel is then one block, held in scratch).
 FUSE_MAX_BLOCKS = 4
@@ -582,7 +582,7 @@ def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     """``count`` float64 scratch arrays of at least ``size`` values for this thread.
 
     Arrays up to ``max_block_elems`` values are kept per thread and reused (a fresh
-    allocation page-faults on every call): ``SCRATCH_BUFS`` of the largest block size used so
+    allocation page-faults on every call): up to two of the largest block size used so
     far (512 KiB each for inputs up to 1 Mi values, at most 2 MiB). Larger ones (the fused
     passes' whole channels) are allocated for the call and freed after it.
     """
@@ -608,11 +608,6 @@ def _scratch_array(n: int, k: int) -> np.ndarray:
     raw = np.empty(n * 8 + 8192, dtype=np.uint8)
     start = (-raw.ctypes.data) % 4096 + (1024, 3072)[k % 2]
     return raw[start : start + n * 8].view(np.float64)
-
-
-def scratch_nbytes_per_thread() -> int:
-    """Bytes of scratch a kernel thread keeps between calls (at most)."""
-    return SCRATCH_BUFS * BLOCK_ELEMS * 8
 
 
 def kept_nbytes() -> int:
