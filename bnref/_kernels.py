@@ -447,8 +447,9 @@ class _Layout:
             self.rows = rb
             self.part_shape = (nab, W)
         self.blocks = blocks
+        self.single_units = [[b] for b in blocks]
         if self.units is None:
-            self.units = [[b] for b in blocks]
+            self.units = self.single_units
         self.max_block = max(r * c for r, c in (b.shape for b in blocks))
 
     # Sums ---------------------------------------------------------------------------------------
@@ -467,18 +468,20 @@ class _Layout:
             return np.add.reduce(d, axis=None)  # pairwise: contiguous
         return _column_sums(d, None)
 
-    def block_dot(self, a: np.ndarray, b: np.ndarray, pairwise: bool = True) -> np.ndarray | float:
-        """``sum(a * b)`` of two loaded blocks, like ``block_sum``; may overwrite ``b``.
+    def block_dot(
+        self, a: np.ndarray, b: np.ndarray, pairwise: bool = True, out: np.ndarray | None = None
+    ) -> np.ndarray | float:
+        """``sum(a * b)`` of two loaded blocks, like ``block_sum``.
 
-        Row mode sums the products pairwise (error ~log2(n) eps64), or with ``pairwise=False``
-        in one fused pass (one accumulator: error up to ~n eps64 of sum|a*b|, still far below
-        eps32: for sums that end up in float32).
+        Row mode sums the products pairwise (error ~log2(n) eps64), written to ``out`` (else
+        over ``b``); or with ``pairwise=False`` in one fused pass (one accumulator: error up to
+        ~n eps64 of sum|a*b|, still far below eps32: for sums that end up in float32).
         """
         if self.row_mode:
             if not pairwise:
                 return np.einsum("ij,ij->", a, b)
-            np.multiply(a, b, out=b)
-            return np.add.reduce(b, axis=None)
+            prod = np.multiply(a, b, out=b if out is None else out)
+            return np.add.reduce(prod, axis=None)
         return _column_sums(a, b)
 
     def channel_totals(self, part: np.ndarray) -> np.ndarray:
@@ -502,7 +505,7 @@ class _Layout:
         than ``PARALLEL_MIN_ELEMS`` run on the calling thread: a hand-off costs more than it
         saves there.
         """
-        units = self.units if sums else [[b] for b in self.blocks]
+        units = self.units if sums else self.single_units
         threads = min(_config["threads"], len(units))
         if self.A * self.C * self.B < _config["parallel_min"]:
             threads = 1
@@ -586,8 +589,6 @@ def _thread_scratch(size: int, count: int) -> tuple[np.ndarray, ...]:
     far (512 KiB each for inputs up to 1 Mi values, at most 2 MiB). Larger ones (the fused
     passes' whole channels) are allocated for the call and freed after it.
     """
-    if count == 0:
-        return ()
     if size > max(_config["max_block_elems"], BLOCK_ELEMS):
         return tuple(_scratch_array(size, k) for k in range(count))
     kept = getattr(_tls, "bufs", ()) if getattr(_tls, "bufs_gen", -1) == _generation else ()
@@ -798,23 +799,36 @@ def channel_stats(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.
     L = _Layout(x, axis)
     n = L.A * L.B
     shift = _sample_mean(L)
-    c, q = _shifted_sums(L, shift)
     with np.errstate(all="ignore"):  # NaN / inf data: those channels are NaN
-        cn = c / n
-        m2 = q - c * cn
-        far = c * cn > SHIFT_MAX_STD**2 * m2  # (mean - K)**2 > SHIFT_MAX_STD**2 * var
-    if np.any(far):
-        shift = np.where(far, shift + cn, shift)
-        c, q = _shifted_sums(L, shift)
-        with np.errstate(all="ignore"):
-            cn = c / n
-            m2 = q - c * cn
-    with np.errstate(all="ignore"):
-        mean = shift + cn
-        # TwoSum: mean + mean_lo == shift + cn exactly.
-        back = mean - shift
-        mean_lo = (shift - (mean - back)) + (cn - back)
+        cn, m2 = _centred(*_shifted_sums(L, shift), n)
+        far = _too_far(cn, m2, n)
+        if np.any(far):
+            shift = np.where(far, shift + cn, shift)
+            cn, m2 = _centred(*_shifted_sums(L, shift), n)
+        mean, mean_lo = _two_sum(shift, cn)
     return mean, mean_lo, np.maximum(m2, 0.0)
+
+
+# The arithmetic after the sums, shared by channel_stats (per-channel arrays) and the fused
+# training forward (one channel's Python floats): the same operations, the same roundings.
+
+
+def _centred(c, q, n: int):
+    """``(c/n, M2)`` from the shifted sums ``c = sum(x - K)``, ``q = sum((x - K)**2)``."""
+    cn = c / n
+    return cn, q - c * cn
+
+
+def _too_far(cn, m2, n: int):
+    """Whether the shift is farther than ``SHIFT_MAX_STD`` std from the mean (False for NaN)."""
+    return n * cn * cn > SHIFT_MAX_STD**2 * m2
+
+
+def _two_sum(a, b):
+    """``(s, e)`` with ``s = fl(a + b)`` and ``s + e == a + b`` exactly (Knuth's TwoSum)."""
+    s = a + b
+    back = s - a
+    return s, (a - (s - back)) + (b - back)
 
 
 def _sample_mean(L: _Layout) -> np.ndarray:
@@ -958,10 +972,23 @@ def grad_sums(
 
     L.run(work, bufs=2)
     dbias = L.channel_totals(sdy)
-    sxd = L.channel_totals(sdx)
-    if mean_lo is not None:
-        sxd = sxd - mean_lo * dbias
-    return dbias, sxd * inv_std
+    return dbias, _dscale(L.channel_totals(sdx), dbias, mean_lo, inv_std)
+
+
+# Shared by the blocked backward (per-channel arrays) and the fused one (one channel's floats).
+
+
+def _dscale(sxd, dbias, mean_lo, inv_std):
+    """``dscale = inv_std * sum(dy * (x - mu))`` from ``sxd = sum(dy * (x - mean))``, mu = mean + mean_lo.
+
+    ``mean_lo`` None: mu = mean (no ``0 * dbias`` term, which is NaN for an infinite dbias).
+    """
+    return (sxd if mean_lo is None else sxd - mean_lo * dbias) * inv_std
+
+
+def _dx_line(k, inv_std, dscale, dbias, count: int):
+    """``(c1, c0)`` of ``dx = k*dy + c1*(x - mu) - c0``: ``c1 = -k*inv_std*dscale/n``, ``c0 = k*dbias/n``."""
+    return -k * inv_std * dscale / count, k * dbias / count
 
 
 def train_input_grad(
@@ -987,8 +1014,7 @@ def train_input_grad(
     L = _Layout(x, axis)
     dx, vdx = L.empty_like_x(x.dtype)
     k = scale * inv_std
-    c1 = -k * inv_std * dscale / count
-    c0 = k * dbias / count
+    c1, c0 = _dx_line(k, inv_std, dscale, dbias, count)
     vx, vdy = L.x, L.view(dy)
     f32 = None
     if x.dtype == np.float32:
@@ -1118,7 +1144,7 @@ def train_forward(
         return y, mean, mean_lo, m2, inv_std
     y, vy = L.empty_like_x(x.dtype)
     shift = _sample_mean(L).tolist()
-    out = np.empty((5, L.C))  # mean, mean_lo, M2, inv_std, second-pass flag
+    out = np.empty((4, L.C))  # mean, mean_lo, M2, inv_std
     vx = L.x
     scale_l, bias_l = scale.tolist(), bias.tolist()
 
@@ -1126,18 +1152,12 @@ def train_forward(
         c = blk.vidx
         k = shift[c]
         d = _load_minus(bufs[0], vx[blk.idx], k)
-        s, q = _sums_of(d, bufs[1])
-        cn = s / count
-        m2 = q - s * cn
-        if s * cn > SHIFT_MAX_STD**2 * m2:  # as channel_stats: once more around the mean
+        cn, m2 = _centred(*_sums_of(L, d, bufs[1]), count)
+        if _too_far(cn, m2, count):  # as channel_stats: once more around the mean
             k = k + cn
             d = _load_minus(bufs[0], vx[blk.idx], k)
-            s, q = _sums_of(d, bufs[1])
-            cn = s / count
-            m2 = q - s * cn
-        mean = k + cn
-        back = mean - k
-        mean_lo = (k - (mean - back)) + (cn - back)
+            cn, m2 = _centred(*_sums_of(L, d, bufs[1]), count)
+        mean, mean_lo = _two_sum(k, cn)
         m2 = max(m2, 0.0)
         var_eps = m2 / count + eps
         inv_std = 1.0 / math.sqrt(var_eps) if var_eps != 0 else math.inf  # as NumPy: 1/0 = inf
@@ -1146,19 +1166,16 @@ def train_forward(
         np.multiply(d, a, out=d)
         np.add(d, bias_l[c] - a * cn, out=d)
         _store(vy[blk.idx], d)
-        out[:, c] = (mean, mean_lo, m2, inv_std, 0.0)
+        out[:, c] = (mean, mean_lo, m2, inv_std)
 
     with np.errstate(all="ignore"):  # NaN / inf data: those channels are NaN
         L.run(work, bufs=2)
     return y, out[0], out[1], out[2], out[3]
 
 
-def _sums_of(d: np.ndarray, buf: np.ndarray) -> tuple[float, float]:
-    """``(sum(d), sum(d*d))`` of a loaded row-mode block, pairwise, as ``_shifted_sums``."""
-    s = float(np.add.reduce(d, axis=None))
-    sq = _scratch(buf, d.shape)
-    np.multiply(d, d, out=sq)
-    return s, float(np.add.reduce(sq, axis=None))
+def _sums_of(L: _Layout, d: np.ndarray, buf: np.ndarray) -> tuple[float, float]:
+    """``(sum(d), sum(d*d))`` of a loaded row-mode block as ``_shifted_sums`` (``d`` kept)."""
+    return float(L.block_sum(d)), float(L.block_dot(d, d, out=_scratch(buf, d.shape)))
 
 
 def train_backward(
@@ -1188,24 +1205,22 @@ def train_backward(
     vdy, vx = L.view(dy), L.x
     out = np.empty((2, L.C))  # dbias, dscale
     mean_l, inv_l, scale_l = mean.tolist(), inv_std.tolist(), scale.tolist()
-    lo_l = [0.0] * L.C if mean_lo is None else mean_lo.tolist()
+    lo_l = [None] * L.C if mean_lo is None else mean_lo.tolist()
 
     def work(blk: _Block, bufs: tuple[np.ndarray, ...]) -> None:
         c = blk.vidx
         d = _load_minus(bufs[0], vx[blk.idx], mean_l[c])
         g = _load(bufs[1], vdy[blk.idx])
-        dbias = float(np.add.reduce(g, axis=None))
-        if exact:  # pairwise, as grad_sums; d is recomputed (x is in cache now)
-            np.multiply(g, d, out=d)
-            sxd = float(np.add.reduce(d, axis=None))
+        dbias = float(L.block_sum(g))
+        sxd = float(L.block_dot(g, d, pairwise=exact))  # as grad_sums
+        if exact:  # the pairwise dot wrote the products over d: again (x is in cache now)
             d = _load_minus(bufs[0], vx[blk.idx], mean_l[c])
-        else:
-            sxd = float(np.einsum("ij,ij->", g, d))
         inv = inv_l[c]
-        dscale = (sxd - lo_l[c] * dbias) * inv
+        dscale = _dscale(sxd, dbias, lo_l[c], inv)
         k = scale_l[c] * inv
-        c1 = -k * inv * dscale / count
-        c0 = k * dbias / count + c1 * lo_l[c]
+        c1, c0 = _dx_line(k, inv, dscale, dbias, count)
+        if lo_l[c] is not None:
+            c0 = c0 + c1 * lo_l[c]
         out[0, c], out[1, c] = dbias, dscale
         np.multiply(d, c1, out=d)
         np.multiply(g, k, out=g)

@@ -44,6 +44,14 @@ def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
     return int(axis) % ndim
 
 
+def values_per_channel(x: np.ndarray, axis: int) -> int:
+    """Values per channel of ``x`` (everything but the channel ``axis``); refuses none."""
+    count = x.size // x.shape[axis] if x.shape[axis] else 0
+    if count == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}, channel axis {axis})")
+    return count
+
+
 def reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
     """All axes but the channel axis: the axes BatchNorm reduces over."""
     return tuple(i for i in range(ndim) if i != axis)

@@ -26,6 +26,7 @@ from bnref._validation import (
     check_eps,
     check_nonneg_variance,
     normalize_axis,
+    values_per_channel,
 )
 from bnref.moments import Moments
 
@@ -86,9 +87,7 @@ def batch_norm_train(
         which is what running-statistic updates and Precise BN consume.
     """
     x, axis, scale64, bias64, eps = _prepare(x, scale, bias, eps, axis)
-    count = x.size // x.shape[axis] if x.shape[axis] else 0
-    if count == 0:
-        raise ValueError(f"x has no values per channel (shape {x.shape}, channel axis {axis})")
+    count = values_per_channel(x, axis)
     y, mean, mean_lo, m2, inv_std = train_forward(x, axis, scale64, bias64, eps)
     moments = Moments(count, mean, m2)
     cache = BatchNormCache(

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnref._kernels import channel_stats
-from bnref._validation import check_array, check_nonneg_variance, normalize_axis
+from bnref._validation import check_array, check_nonneg_variance, normalize_axis, values_per_channel
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,9 +85,7 @@ class Moments:
         """
         x = check_array(x)
         axis = normalize_axis(axis, x.ndim)
-        count = x.size // x.shape[axis] if x.shape[axis] else 0
-        if count == 0:
-            raise ValueError(f"x has no values per channel (shape {x.shape}, channel axis {axis})")
+        count = values_per_channel(x, axis)
         mean, mean_lo, m2 = channel_stats(x, axis)
         return cls(count, mean, m2), mean_lo
 

@@ -482,22 +482,39 @@ def test_float32_guards_fall_back_to_float64(case):
     plan = plan_of(d.x, case.axis, case.block)
     case.expect(plan)
     f32_consts = []
-    orig_const = _kernels._Layout.const
+    masks = []  # row mode: the per-channel path masks blocks were checked against
+    orig_const, orig_takes = _kernels._Layout.const, _kernels._Layout.takes
 
     def spy_const(self, v, dtype=np.float64):
         f32_consts.append(dtype == np.float32)
         return orig_const(self, v, dtype)
 
+    def spy_takes(self, mask, blk):
+        masks.append(np.array(mask))
+        return orig_takes(self, mask, blk)
+
+    seen = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_kernels._Layout, "const", spy_const)
+        mp.setattr(_kernels._Layout, "takes", spy_takes)
         for tiny in (False, True):
             if tiny:
                 d.scale[0] = np.float32(1e-30)
             for fast in (False, True):
                 f32_consts.clear()
+                masks.clear()
                 check_run(d, run_all(d, case.block, fast=fast), fast=fast)  # one thread: channels in order
                 if not plan.row_mode:  # column mode: float32 constants (float32 paths) iff no tiny k
                     assert any(f32_consts) != tiny
+                seen[tiny, fast] = [m for m in masks if m.shape == (plan.C,)]
+    if plan.row_mode:
+        # Row mode: a float32 path that ran (forward with fast; training dx when not fused)
+        # checked blocks against a mask that, with the tiny k, lost channel 0 and only it.
+        for fast in (False, True):
+            before = {tuple(m.tolist()) for m in seen[False, fast]}
+            after = {tuple(m.tolist()) for m in seen[True, fast]}
+            lost0 = any(not t[0] and (True, *t[1:]) in before for t in after - before)
+            assert lost0 == (fast or not case.fused), (fast, before, after)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
