@@ -20,8 +20,8 @@ It reports medians and bnref/PyTorch ratios (and the best call, less sensitive t
 on a shared machine), the cost of ``PreciseBN.update`` and ``Moments.merge`` (O(C)), and
 bnref's peak extra memory relative to the input (tracemalloc, from a state where the scratch
 and constants the kernels keep between calls were released, so the ones this call needs are
-counted), a NumPy floor for exact statistics in the (N, C) case, and writes everything with
-a machine description to ``benchmarks/results/kernels.json``.
+counted), a NumPy floor for exact statistics in the (N, C) case (on one thread and on two),
+and writes everything with a machine description to ``benchmarks/results/kernels.json``.
 
     python benchmarks/bench_kernels.py                # run (a few minutes), write the JSON
     python benchmarks/bench_kernels.py --quick        # fewer rounds
@@ -106,6 +106,28 @@ def _timer(fn) -> float:
     return time.perf_counter() - t
 
 
+def _stats_floor(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 column sums and sums of squares of (N, C) ``x``, as two single NumPy calls."""
+    return np.add.reduce(x, axis=0, dtype=np.float64), np.einsum("nc,nc->c", x, x, dtype=np.float64)
+
+
+_floor_pool = None
+
+
+def _stats_floor_threads(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_stats_floor`` with the second half of the rows on a second thread."""
+    global _floor_pool
+    if _floor_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _floor_pool = ThreadPoolExecutor(max_workers=1)
+    h = x.shape[0] // 2
+    other = _floor_pool.submit(_stats_floor, x[h:])
+    s, q = _stats_floor(x[:h])
+    s2, q2 = other.result()
+    return s + s2, q + q2
+
+
 def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: int = 2) -> dict:
     import torch
     import torch.nn.functional as F
@@ -145,10 +167,10 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         # A floor for any NumPy implementation of exact statistics: the two float64 reductions
         # (sum and sum of squares) as single NumPy calls, without the shift that |mean| >> std
         # needs and without the normalization.
-        fns[("floor", "stats64")] = lambda: (
-            np.add.reduce(x, axis=0, dtype=np.float64),
-            np.einsum("nc,nc->c", x, x, dtype=np.float64),
-        )
+        fns[("floor", "stats64")] = lambda: _stats_floor(x)
+        # The same split in two halves of rows, one on a second thread (NumPy releases the GIL
+        # in its loops): what a second core can add to that floor.
+        fns[("floor", "stats64_2t")] = lambda: _stats_floor_threads(x)
     times: dict = {k: [] for k in fns}  # steady state
     first: dict = {k: [] for k in fns}  # the first call after another function
     rounds_med: dict = {k: [] for k in fns}  # per round: median of its steady-state calls
@@ -199,6 +221,10 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         row["numpy_stats_floor_ms"] = round(med[("floor", "stats64")], 3)
         row["numpy_stats_floor_over_torch_train_fwd"] = round(
             med[("floor", "stats64")] / med[("torch", "train_fwd")], 3
+        )
+        row["numpy_stats_floor_2threads_ms"] = round(med[("floor", "stats64_2t")], 3)
+        row["numpy_stats_floor_2threads_over_torch_train_fwd"] = round(
+            med[("floor", "stats64_2t")] / med[("torch", "train_fwd")], 3
         )
     for op in OPS:
         bn, th = med[("bnref", op)], med[("torch", op)]
@@ -329,6 +355,11 @@ def markdown(data: dict) -> str:
         ]
     floors = ", ".join(
         f"{r['case']} {r['dtype']} {r['numpy_stats_floor_over_torch_train_fwd']:.2f}×"
+        + (
+            f" (rows split over two threads: {r['numpy_stats_floor_2threads_over_torch_train_fwd']:.2f}×)"
+            if "numpy_stats_floor_2threads_over_torch_train_fwd" in r
+            else ""
+        )
         for r in data["results"]
         if "numpy_stats_floor_over_torch_train_fwd" in r
     )
