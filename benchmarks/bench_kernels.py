@@ -111,18 +111,10 @@ def _stats_floor(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.add.reduce(x, axis=0, dtype=np.float64), np.einsum("nc,nc->c", x, x, dtype=np.float64)
 
 
-_floor_pool = None
-
-
 def _stats_floor_threads(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``_stats_floor`` with the second half of the rows on a second thread."""
-    global _floor_pool
-    if _floor_pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _floor_pool = ThreadPoolExecutor(max_workers=1)
+    """``_stats_floor`` with the second half of the rows on a worker of bnref's thread pool."""
     h = x.shape[0] // 2
-    other = _floor_pool.submit(_stats_floor, x[h:])
+    other = _kernels._get_pool(max(1, _kernels.num_threads() - 1)).submit(_stats_floor, x[h:])
     s, q = _stats_floor(x[:h])
     s2, q2 = other.result()
     return s + s2, q + q2

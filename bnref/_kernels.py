@@ -782,12 +782,6 @@ def _f32_safe(v: np.ndarray, zero_small: bool = False) -> np.ndarray:
 # -- statistics -----------------------------------------------------------------------------------
 
 
-def channel_moments(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and M2 = sum((x - mean)**2), in float64 (shifted sums, see module doc)."""
-    mean, _, m2 = channel_stats(x, axis)
-    return mean, m2
-
-
 def channel_stats(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(mean, mean_lo, M2)`` per channel, float64; ``mean + mean_lo`` is the mean to ~eps64 * std.
 

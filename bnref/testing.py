@@ -205,8 +205,8 @@ def bn_cases(
         # spread, and |mean| / std far beyond max_abs_mean_over_std.
         z = rng.standard_normal(shape)
         axes = reduce_axes(len(shape), ax)
-        zs = z.std(axis=axes, keepdims=True)
-        z = np.where(zs > 0, (z - z.mean(axis=axes, keepdims=True)) / np.where(zs > 0, zs, 1), z)
+        zs = z.std(axis=axes, keepdims=True)  # 0 only for one value per channel: x = loc there
+        z = (z - z.mean(axis=axes, keepdims=True)) / np.where(zs > 0, zs, 1)
         x = (z * std.reshape(cs) + loc.reshape(cs)).astype(dtype)
         scale = rng.uniform(0.2, 2.0, size=c) * rng.choice([-1.0, 1.0], size=c)
         bias = rng.standard_normal(c)
