@@ -42,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx_tools as ot  # noqa: E402
-from onnx_tools.graph import find_batchnorms  # noqa: E402
-from onnx_tools.modelio import make_session  # noqa: E402
+from onnx_tools.batchnorms import find_batchnorms  # noqa: E402
+from onnx_tools.session import make_session  # noqa: E402
 
 
 def build_torch_resnet():

@@ -3,7 +3,7 @@
 * ``demo.data``        — digits shipped inside wheels, a held-out split, deployment shifts.
 * ``demo.model``       — a NumPy MLP with BatchNorm trained with bnref's forward and backward.
 * ``demo.export``      — the trained net as an ONNX model (Gemm + BatchNormalization + Relu).
-* ``demo.experiments`` — every table and plot under ``docs/experiments/``.
+* ``demo.experiments`` — every table and plot under ``docs/experiments/``, one module per experiment.
 * ``demo.run_demo``    — the ``make demo`` story: recalibrate under a deployment shift.
 """
 

@@ -31,11 +31,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 import bnref
+from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
+from onnx_tools.batchnorms import BatchNormInfo
 from onnx_tools.errors import ModelError, StatsError
-from onnx_tools.graph import BatchNormInfo, TensorSource, UniqueNamer, find_batchnorms
-from onnx_tools.modelio import LoadedModel, load_model
+from onnx_tools.graph import TensorSource, UniqueNamer
+from onnx_tools.modelio import LoadedModel
+from onnx_tools.options import check_estimator, check_prior_strength
 from onnx_tools.report import DriftReport, bn_drift
-from onnx_tools.stats import CollectedStats, load_stats, model_fingerprint
+from onnx_tools.stats import CollectedStats, load_stats
 
 logger = logging.getLogger(__name__)
 
@@ -141,87 +144,54 @@ def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
             entry.key, entry.value = key, value
 
 
-def apply_stats(
-    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
-    stats: CollectedStats | str | os.PathLike,
-    *,
-    estimator: str | None = None,
-    bessel: bool | None = None,
-    prior_strength: float | None = None,
-) -> ApplyResult:
-    """Return a copy of ``model`` with the BN statistics of ``stats`` written in.
-
-    Args:
-        model: path, ModelProto (not modified) or LoadedModel.
-        stats: collected statistics or the path of a STATS file.
-        estimator: override the estimator chosen at collection.
-        bessel: override the Bessel option (population only).
-        prior_strength: Schneider et al. prior ``N0`` (None or 0: new statistics only).
-
-    Raises:
-        StatsError: the STATS file belongs to another model or names missing BNs.
-        ModelError: statistics not stored in the model (computed at run time).
-    """
-    loaded = load_model(model)
-    if not isinstance(stats, CollectedStats):
-        stats = load_stats(stats)
+def _check_applicable(analysis: ModelAnalysis, stats: CollectedStats) -> None:
     if not stats.complete:
         raise StatsError(
             f"the STATS file holds shards {stats.shards} of {stats.num_shards}; merge all "
             "shards first (bnref-onnx merge)"
         )
-    if model_fingerprint(loaded.model) != stats.model_fingerprint:
+    if analysis.fingerprint != stats.model_fingerprint:
         raise StatsError(
             "the STATS file was collected on another model (model fingerprints differ); "
             "collect statistics on this model"
         )
-    if prior_strength is not None and (not np.isfinite(prior_strength) or prior_strength < 0):
-        raise StatsError(f"--prior-strength must be a finite number >= 0, got {prior_strength}")
-    est = stats.estimator if estimator is None else estimator
-    bes = stats.bessel if bessel is None else bessel
-    out = onnx.ModelProto()
-    out.CopyFrom(loaded.model)
-    bns = {bn.key: bn for bn in find_batchnorms(out, loaded.base_dir)}
-    namer = UniqueNamer(out)
-    initializers = {t.name: t for t in out.graph.initializer}  # by name, built once
-    inserts: dict[int, list[onnx.NodeProto]] = {}
-    rows = []
-    written: list[str] = []
-    added: list[str] = []
-    for key in stats.bns:
-        bn = bns.get(key)
-        if bn is None:
-            raise StatsError(f"the model has no BatchNormalization with output {key!r}")
-        precise = stats.precise(key, est, bes)
-        new_mean, new_var = precise.mean, precise.var
+
+
+def _new_statistics(bn: BatchNormInfo, stats: CollectedStats, estimator: str, bessel: bool,
+                    prior_strength: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and variance to write into ``bn`` (with the prior blended in, if any)."""
+    precise = stats.precise(bn.key, estimator, bessel)
+    new_mean, new_var = precise.mean, precise.var
+    if bn.channels is not None and new_mean.size != bn.channels:
+        raise StatsError(
+            f"BatchNormalization {bn.label!r} has {bn.channels} channels, the STATS file "
+            f"{new_mean.size}"
+        )
+    if prior_strength:
         old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
-        if bn.channels is not None and new_mean.size != bn.channels:
-            raise StatsError(
-                f"BatchNormalization {bn.label!r} has {bn.channels} channels, the STATS file "
-                f"{new_mean.size}"
-            )
-        if prior_strength:
-            if old_mean is None or old_var is None:
-                raise ModelError(f"--prior-strength needs the stored statistics of {bn.label!r}")
-            new_mean, new_var = bnref.blend_prior(
-                old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
-            )
-        for role, value in (("mean", new_mean), ("var", new_var)):
-            w, a = _write(out, bn, role, value, namer, inserts, initializers)
-            if w:
-                written.append(w)
-            if a:
-                added.append(a)
-        if old_mean is not None and old_var is not None:
-            rows.append(bn_drift(key, bn.node_name, old_mean, old_var, new_mean, new_var,
-                                 bn.epsilon))
-    if inserts:
-        nodes = []
-        for i, node in enumerate(out.graph.node):
-            nodes.extend(inserts.get(i, []))
-            nodes.append(node)
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
+        if old_mean is None or old_var is None:
+            raise ModelError(f"--prior-strength needs the stored statistics of {bn.label!r}")
+        new_mean, new_var = bnref.blend_prior(
+            old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
+        )
+    return new_mean, new_var
+
+
+def _insert_nodes(model: onnx.ModelProto, inserts: dict[int, list[onnx.NodeProto]]) -> None:
+    """Put each list of new nodes right before the node of its index."""
+    if not inserts:
+        return
+    nodes = []
+    for i, node in enumerate(model.graph.node):
+        nodes.extend(inserts.get(i, []))
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _provenance(stats: CollectedStats, est: str, bes: bool,
+                prior_strength: float | None) -> tuple[dict, dict[str, str]]:
+    """The report's run description and the ``metadata_props`` written into the model."""
     meta = {
         "bnref_version": bnref.__version__,
         "estimator": est,
@@ -236,7 +206,7 @@ def apply_stats(
         "batchnorms": len(stats.bns),
         "notes": stats.notes,
     }
-    _set_metadata(out, {
+    props = {
         f"{METADATA_PREFIX}version": bnref.__version__,
         f"{METADATA_PREFIX}estimator": est + (" (bessel)" if bes and est == "population" else ""),
         f"{METADATA_PREFIX}num_samples": str(stats.num_samples),
@@ -244,6 +214,61 @@ def apply_stats(
         f"{METADATA_PREFIX}data_fingerprint": stats.data_fingerprint,
         **({f"{METADATA_PREFIX}prior_strength": repr(float(prior_strength))}
            if prior_strength else {}),
-    })
+    }
+    return meta, props
+
+
+def apply_stats(
+    model: ModelLike | ModelAnalysis,
+    stats: CollectedStats | str | os.PathLike,
+    *,
+    estimator: str | None = None,
+    bessel: bool | None = None,
+    prior_strength: float | None = None,
+) -> ApplyResult:
+    """Return a copy of ``model`` with the BN statistics of ``stats`` written in.
+
+    Args:
+        model: path, ModelProto (not modified), LoadedModel or ModelAnalysis.
+        stats: collected statistics or the path of a STATS file.
+        estimator: override the estimator chosen at collection.
+        bessel: override the Bessel option (population only).
+        prior_strength: Schneider et al. prior ``N0`` (None or 0: new statistics only).
+
+    Raises:
+        StatsError: the STATS file belongs to another model or names missing BNs.
+        ModelError: statistics not stored in the model (computed at run time).
+    """
+    analysis = analyze_model(model)
+    if not isinstance(stats, CollectedStats):
+        stats = load_stats(stats)
+    _check_applicable(analysis, stats)
+    check_prior_strength(prior_strength)
+    est = stats.estimator if estimator is None else check_estimator(estimator)
+    bes = stats.bessel if bessel is None else bessel
+    out = onnx.ModelProto()
+    out.CopyFrom(analysis.model)
+    # The analysis describes the input; node indices and storage are the same in the copy.
+    bns = {bn.key: bn for bn in analysis.batchnorms}
+    namer = UniqueNamer(out)
+    initializers = {t.name: t for t in out.graph.initializer}  # by name, built once
+    inserts: dict[int, list[onnx.NodeProto]] = {}
+    rows, written, added = [], [], []
+    for key in stats.bns:
+        bn = bns.get(key)
+        if bn is None:
+            raise StatsError(f"the model has no BatchNormalization with output {key!r}")
+        new_mean, new_var = _new_statistics(bn, stats, est, bes, prior_strength)
+        for role, value in (("mean", new_mean), ("var", new_var)):
+            w, a = _write(out, bn, role, value, namer, inserts, initializers)
+            written += [w] if w else []
+            added += [a] if a else []
+        old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
+        if old_mean is not None and old_var is not None:
+            rows.append(bn_drift(key, bn.node_name, old_mean, old_var, new_mean, new_var,
+                                 bn.epsilon))
+    _insert_nodes(out, inserts)
+    meta, props = _provenance(stats, est, bes, prior_strength)
+    _set_metadata(out, props)
     logger.debug("wrote %d tensors, added %d", len(written), len(added))
-    return ApplyResult(out, DriftReport(rows, meta), written, added, loaded)
+    return ApplyResult(out, DriftReport(rows, meta), written, added, analysis.loaded)

@@ -10,20 +10,20 @@ BN, which aggregates in float64.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import onnx
 
 import bnref
-from onnx_tools.data import DataSource, ImageOptions, InputSpec, open_data
+from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
+from onnx_tools.data import BatchPlan, DataSource, DataSummary, ImageOptions, InputSpec, open_data
 from onnx_tools.errors import DataError
-from onnx_tools.modelio import LoadedModel, load_model, make_session
-from onnx_tools.rewrite import build_collection_model
-from onnx_tools.stats import BNStats, CollectedStats, model_fingerprint
+from onnx_tools.options import check_estimator
+from onnx_tools.rewrite import CollectionModel, build_collection_model
+from onnx_tools.session import make_session
+from onnx_tools.stats import BNStats, CollectedStats
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,109 @@ def _progress(total: int | None, enabled: bool | None):
     return tqdm(total=total, unit="batch", desc="collect", leave=False, file=sys.stderr)
 
 
+def _open_source(analysis: ModelAnalysis, data: Any,
+                 image_options: ImageOptions | None) -> DataSource:
+    if isinstance(data, DataSource):
+        return data
+    return open_data(data, InputSpec.from_model(analysis.model), image_options)
+
+
+def _warn_small_batch(size: int) -> None:
+    if size < SMALL_BATCH:
+        logger.warning(
+            "batch size %d is far below the batch sizes BN is usually trained with (32-256): "
+            "batch statistics, and so the recalibrated model, will differ from training; "
+            "use a larger --batch-size if memory allows", size,
+        )
+
+
+def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """Run one batch; results by output name."""
+    try:
+        results = session.run(names, feed)
+    except Exception as exc:  # onnxruntime's own exception types
+        text = " ".join(str(exc).split())[:300]
+        raise DataError(
+            f"batch {index}: onnxruntime could not run the model on it (shape or "
+            f"dtype that does not fit the model's input?): {text}"
+        ) from exc
+    return dict(zip(names, results, strict=True))
+
+
+def _aggregate(cm: CollectionModel, by_name: dict[str, np.ndarray],
+               aggs: dict[str, bnref.PreciseBN], index: int) -> None:
+    """Add one batch's statistics of every BN to its PreciseBN."""
+    for bn in cm.bns:
+        out = cm.outputs[bn.key]
+        shape = by_name[out.shape]
+        count = int(np.prod(shape)) // int(shape[1])  # N * spatial
+        if count < 2:
+            raise DataError(
+                f"batch {index}: BatchNormalization {bn.label!r} sees {count} value per "
+                "channel (batch of one into a BN after a fully connected layer?); a "
+                "batch needs at least 2 values per channel for a variance: use a "
+                "larger --batch-size"
+            )
+        mean, var = by_name[out.mean], by_name[out.var]
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()):
+            raise DataError(
+                f"batch {index}: BatchNormalization {bn.label!r} got non-finite batch "
+                "statistics (overflow in the model, e.g. float16?)"
+            )
+        aggs[bn.key].update(bnref.Moments.from_mean_var(mean, var, count, ddof=0))
+
+
+def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bnref.PreciseBN],
+             total: int | None, progress: bool | None) -> None:
+    names = cm.output_names
+    bar = _progress(total, progress)
+    try:
+        for index, feed in batches:
+            _aggregate(cm, _run(session, names, feed, index), aggs, index)
+            if bar is not None:
+                bar.update(1)
+            if between_batches is not None:
+                between_batches(index)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _report_summary(summary: DataSummary) -> None:
+    if summary.dropped:
+        logger.info(
+            "dropped a final partial batch of %d sample(s) (use --keep-partial to keep it)",
+            summary.dropped,
+        )
+    for note in summary.notes:
+        logger.info("%s", note)
+
+
+def _collected(cm: CollectionModel, aggs: dict[str, bnref.PreciseBN], summary: DataSummary,
+               fingerprint: str, estimator: str, bessel: bool, shard: tuple[int, int] | None,
+               run: dict[str, Any], provider: str) -> CollectedStats:
+    shard_i, shard_k = shard if shard is not None else (0, 1)
+    return CollectedStats(
+        bns={bn.key: BNStats(bn.key, bn.node_name, int(aggs[bn.key].moments.num_channels),
+                             aggs[bn.key]) for bn in cm.bns},
+        estimator=estimator,
+        bessel=bool(bessel),
+        batch_size=int(summary.batch_size),
+        num_samples=int(summary.num_samples),
+        num_batches=int(summary.num_batches),
+        dropped=int(summary.dropped),
+        model_fingerprint=fingerprint,
+        data_fingerprint=str(summary.fingerprint),
+        num_shards=int(shard_k),
+        shards=[int(shard_i)],
+        run=run,
+        provider=provider,
+        notes=list(summary.notes),
+    )
+
+
 def collect(
-    model: str | os.PathLike | onnx.ModelProto | LoadedModel,
+    model: ModelLike | ModelAnalysis,
     data: Any,
     *,
     batch_size: int = 64,
@@ -66,7 +167,8 @@ def collect(
     """Collect Precise BatchNorm statistics of ``model`` over ``data``.
 
     Args:
-        model: path, ``onnx.ModelProto`` (not modified) or :class:`LoadedModel`.
+        model: path, ``onnx.ModelProto`` (not modified), :class:`LoadedModel` or
+            :class:`~onnx_tools.analysis.ModelAnalysis`.
         data: anything :func:`onnx_tools.data.open_data` accepts, or a ``DataSource``.
         batch_size: normalization batch size (a static batch dimension overrides it).
         num_samples: use at most this many samples (default: all).
@@ -74,7 +176,7 @@ def collect(
             ``"mean_of_variances"`` (equal-weight mean of unbiased batch variances, torch
             ``update_bn``); both states are collected either way, this is what ``apply`` uses.
         bessel: with ``population``, write ``n/(n-1)`` times the pooled variance.
-        provider: ``auto``, ``cuda`` or ``cpu`` (see :func:`onnx_tools.modelio.make_session`).
+        provider: ``auto``, ``cuda`` or ``cpu`` (see :func:`onnx_tools.session.make_session`).
         shuffle: draw samples in a seeded random order.
         seed: seed for ``shuffle``.
         keep_partial: keep a final batch smaller than ``batch_size``.
@@ -87,83 +189,20 @@ def collect(
     Returns:
         :class:`onnx_tools.stats.CollectedStats`.
     """
-    if estimator not in bnref.ESTIMATORS:
-        raise DataError(f"unknown estimator {estimator!r}; expected {', '.join(bnref.ESTIMATORS)}")
-    loaded = load_model(model)
-    cm = build_collection_model(
-        loaded.model, include=include, exclude=exclude, base_dir=loaded.base_dir
-    )
+    check_estimator(estimator)
+    analysis = analyze_model(model)
+    cm = build_collection_model(analysis.model, include=include, exclude=exclude,
+                                base_dir=analysis.loaded.base_dir, bns=analysis.batchnorms)
     session, used = make_session(cm.model, provider)
     logger.info("collecting with onnxruntime on %s", used.upper())
-    if isinstance(data, DataSource):
-        source = data
-    else:
-        source = open_data(data, InputSpec.from_model(loaded.model), image_options)
-    batches = source.batches(
-        batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
-        keep_partial=keep_partial, shard=shard,
-    )
-    effective = source.summary["batch_size"]
-    if effective < SMALL_BATCH:
-        logger.warning(
-            "batch size %d is far below the batch sizes BN is usually trained with (32-256): "
-            "batch statistics, and so the recalibrated model, will differ from training; "
-            "use a larger --batch-size if memory allows", effective,
-        )
-    total = source.count_batches(batch_size, num_samples, keep_partial, shard)
+    source = _open_source(analysis, data, image_options)
+    plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
+                     keep_partial=keep_partial, shard=shard)
+    batches = source.batches(plan)
+    _warn_small_batch(source.summary.batch_size)
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
-    names = cm.output_names
-    bar = _progress(total, progress)
-    try:
-        for index, feed in batches:
-            try:
-                results = session.run(names, feed)
-            except Exception as exc:  # onnxruntime's own exception types
-                text = " ".join(str(exc).split())[:300]
-                raise DataError(
-                    f"batch {index}: onnxruntime could not run the model on it (shape or "
-                    f"dtype that does not fit the model's input?): {text}"
-                ) from exc
-            by_name = dict(zip(names, results, strict=True))
-            for bn in cm.bns:
-                out = cm.outputs[bn.key]
-                shape = by_name[out.shape]
-                count = int(np.prod(shape)) // int(shape[1])  # N * spatial
-                if count < 2:
-                    raise DataError(
-                        f"batch {index}: BatchNormalization {bn.label!r} sees {count} value per "
-                        "channel (batch of one into a BN after a fully connected layer?); a "
-                        "batch needs at least 2 values per channel for a variance: use a "
-                        "larger --batch-size"
-                    )
-                mean, var = by_name[out.mean], by_name[out.var]
-                if not (np.isfinite(mean).all() and np.isfinite(var).all()):
-                    raise DataError(
-                        f"batch {index}: BatchNormalization {bn.label!r} got non-finite batch "
-                        "statistics (overflow in the model, e.g. float16?)"
-                    )
-                aggs[bn.key].update(bnref.Moments.from_mean_var(mean, var, count, ddof=0))
-            if bar is not None:
-                bar.update(1)
-            if between_batches is not None:
-                between_batches(index)
-    finally:
-        if bar is not None:
-            bar.close()
-    summary = source.summary
-    if summary["dropped"]:
-        logger.info(
-            "dropped a final partial batch of %d sample(s) (use --keep-partial to keep it)",
-            summary["dropped"],
-        )
-    for note in summary.get("notes", []):
-        logger.info("%s", note)
-    bns = {
-        bn.key: BNStats(bn.key, bn.node_name, int(aggs[bn.key].moments.num_channels),
-                        aggs[bn.key])
-        for bn in cm.bns
-    }
-    shard_i, shard_k = shard if shard is not None else (0, 1)
+    _run_all(session, cm, batches, aggs, source.count_batches(plan), progress)
+    _report_summary(source.summary)
     run = {
         "num_samples_limit": num_samples,
         "shuffle": bool(shuffle),
@@ -172,19 +211,5 @@ def collect(
         "include": include,
         "exclude": exclude,
     }
-    return CollectedStats(
-        bns=bns,
-        estimator=estimator,
-        bessel=bool(bessel),
-        batch_size=int(effective),
-        num_samples=int(summary["num_samples"]),
-        num_batches=int(summary["num_batches"]),
-        dropped=int(summary["dropped"]),
-        model_fingerprint=model_fingerprint(loaded.model),
-        data_fingerprint=str(summary["fingerprint"]),
-        num_shards=int(shard_k),
-        shards=[int(shard_i)],
-        run=run,
-        provider=used,
-        notes=list(summary.get("notes", [])),
-    )
+    return _collected(cm, aggs, source.summary, analysis.fingerprint, estimator, bessel,
+                      shard, run, used)

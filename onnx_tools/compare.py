@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnx_tools.data import ImageOptions, InputSpec, open_data
+from onnx_tools.data import BatchPlan, ImageOptions, InputSpec, open_data
 from onnx_tools.errors import DataError
-from onnx_tools.modelio import LoadedModel, load_model, make_session
+from onnx_tools.modelio import LoadedModel, load_model
+from onnx_tools.session import make_session
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ def compare_models(
     correct_a = correct_b = 0
     nonfinite_a = nonfinite_b = 0
     has_classes = True
-    for _index, feed in source.batches(batch_size=batch_size, num_samples=num_samples,
-                                      keep_partial=True):
+    plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, keep_partial=True)
+    for _index, feed in source.batches(plan):
         ya = sess_a.run([out_a], feed)[0]
         yb = sess_b.run([out_b], feed)[0]
         if ya.shape != yb.shape:

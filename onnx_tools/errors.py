@@ -32,9 +32,19 @@ class OutputError(BnrefOnnxError):
     """An output file cannot be written."""
 
 
+class OptionError(BnrefOnnxError, ValueError):
+    """An argument of the API (an option of the CLI) has a value it cannot take."""
+
+
 class Interrupted(BnrefOnnxError):  # noqa: N818 - the name reads as the event it is
     """The run was stopped by SIGINT or SIGTERM; ``signum`` says which."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+def short_message(exc: BaseException, limit: int = 400) -> str:
+    """``exc`` as one line of at most ``limit`` characters (onnxruntime's messages are long)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) < limit else text[:limit] + "..."

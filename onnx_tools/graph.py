@@ -1,7 +1,7 @@
-"""Find BatchNormalization nodes in an ONNX model and where their tensors live.
+"""Where a tensor of an ONNX graph lives, who reads it, and fresh names for new tensors.
 
 An exported model stores a BN's scale, bias, running mean and running variance in one of
-several ways, and :func:`find_batchnorms` resolves each of them to a :class:`TensorSource`:
+several ways, and :meth:`GraphIndex.resolve` resolves each of them to a :class:`TensorSource`:
 
 ``initializer``
     a graph initializer (the common case);
@@ -22,12 +22,13 @@ a tensor of its Identity chain (another node, another input of the same BN, a gr
 subgraph); :mod:`onnx_tools.apply` never writes into a shared tensor.
 """
 
+
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -36,18 +37,6 @@ from onnx import numpy_helper
 from onnx_tools.errors import ModelError
 
 logger = logging.getLogger(__name__)
-
-#: Index of each BatchNormalization input, by role.
-ROLES = ("scale", "bias", "mean", "var")
-_ROLE_INDEX = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
-
-#: How to keep BN in an export; printed when a model has none.
-EXPORT_ADVICE = (
-    "it was probably folded into the preceding Conv/Gemm at export. Export with BN kept: "
-    "torch.onnx.export(..., dynamo=False, training=torch.onnx.TrainingMode.PRESERVE) or "
-    "do_constant_folding=False; the dynamo exporter with optimize=False; onnxsim with "
-    "--skip-fuse-bn; tf2onnx without its conv-BN fusion optimizer"
-)
 
 
 @dataclass(frozen=True)
@@ -87,76 +76,6 @@ class TensorSource:
             text += f", shared with {', '.join(self.shared_with)}"
         return text
 
-
-@dataclass
-class BatchNormInfo:
-    """One BatchNormalization node of the main graph, as :func:`find_batchnorms` sees it."""
-
-    index: int
-    node_name: str
-    input: str
-    output: str
-    opset: int
-    epsilon: float
-    momentum: float
-    channels: int | None
-    sources: dict[str, TensorSource]
-    values: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
-    training_mode: bool = False
-    extra_outputs: tuple[str, ...] = ()
-    spatial: int = 1
-
-    @property
-    def key(self) -> str:
-        """Stable identifier used in STATS files and reports: the BN's output tensor name."""
-        return self.output
-
-    @property
-    def label(self) -> str:
-        """Name for messages: the node name, else the output name."""
-        return self.node_name or self.output
-
-    def summary(self) -> dict[str, float | None]:
-        """Summary of the stored statistics (None where they are not stored in the model)."""
-        mean, var = self.values.get("mean"), self.values.get("var")
-        out: dict[str, float | None] = {
-            "mean_abs_mean": None,
-            "var_min": None,
-            "var_mean": None,
-            "var_max": None,
-        }
-        if mean is not None:
-            out["mean_abs_mean"] = float(np.mean(np.abs(mean.astype(np.float64))))
-        if var is not None:
-            v = var.astype(np.float64)
-            out.update(var_min=float(v.min()), var_mean=float(v.mean()), var_max=float(v.max()))
-        return out
-
-    def to_dict(self) -> dict:
-        """JSON-ready description (``inspect --json``)."""
-        return {
-            "node": self.node_name,
-            "output": self.output,
-            "input": self.input,
-            "channels": self.channels,
-            "epsilon": self.epsilon,
-            "momentum": self.momentum,
-            "opset": self.opset,
-            "training_mode": self.training_mode,
-            "storage": {
-                role: {
-                    "kind": src.kind,
-                    "tensor": src.name,
-                    "storage": src.storage,
-                    "identity_chain": len(src.chain),
-                    "shared_with": list(src.shared_with),
-                }
-                for role, src in self.sources.items()
-            },
-            "stats": self.summary(),
-        }
-
-
 def domain_opset(model: onnx.ModelProto, domain: str = "") -> int:
     """Opset version imported for ``domain`` (``""`` and ``ai.onnx`` are the same)."""
     for imp in model.opset_import:
@@ -166,8 +85,8 @@ def domain_opset(model: onnx.ModelProto, domain: str = "") -> int:
             return int(imp.version)
     raise ModelError(f"model does not import the ONNX domain {domain!r}")
 
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies of an If/Loop/Scan (graph-valued attributes) of ``node``."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -180,28 +99,13 @@ def _names_used_in(graph: onnx.GraphProto) -> set[str]:
     used: set[str] = set()
     for node in graph.node:
         used.update(n for n in node.input if n)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             used |= _names_used_in(sub)
     used.update(o.name for o in graph.output)
     return used
 
-
-def _bn_in_subgraphs(graph: onnx.GraphProto, path: str = "") -> Iterator[str]:
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            where = f"{path}{node.op_type} {node.name or '(unnamed)'} > "
-            for inner in sub.node:
-                if inner.op_type == "BatchNormalization" and inner.domain in ("", "ai.onnx"):
-                    yield f"{where}{inner.name or inner.output[0]}"
-            yield from _bn_in_subgraphs(sub, where)
-
-
-def batchnorms_in_subgraphs(model: onnx.ModelProto) -> list[str]:
-    """Names (with their If/Loop/Scan path) of BN nodes inside control-flow bodies."""
-    return list(_bn_in_subgraphs(model.graph))
-
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a ``Constant`` node (``value``/``value_float(s)``), else None."""
     for attr in node.attribute:
         if attr.name == "value":
             return numpy_helper.to_array(attr.t)
@@ -210,7 +114,6 @@ def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_floats":
             return np.array(list(attr.floats), dtype=np.float32)
     return None
-
 
 class GraphIndex:
     """Producer/consumer maps of the main graph, built once per model."""
@@ -231,7 +134,7 @@ class GraphIndex:
             for k, name in enumerate(node.input):
                 if name:
                     self.consumers[name].append((i, k))
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 for name in _names_used_in(sub):
                     self.subgraph_readers[name].append(node.name or f"#{i}")
 
@@ -274,7 +177,7 @@ class GraphIndex:
             return TensorSource(kind, name, current, None, tuple(chain), shared_t)
         prod = self.producer.get(current)
         if prod is not None and graph.node[prod].op_type == "Constant":
-            if _constant_value(graph.node[prod]) is not None:
+            if constant_value(graph.node[prod]) is not None:
                 return TensorSource("constant", name, current, prod, tuple(chain), shared_t)
         if current in self.inputs:
             return TensorSource("fed", name, current, None, tuple(chain), shared_t)
@@ -287,9 +190,8 @@ class GraphIndex:
             return numpy_helper.to_array(tensor, base_dir or "")
         if src.kind == "constant":
             assert src.constant_node is not None
-            return _constant_value(self.model.graph.node[src.constant_node])
+            return constant_value(self.model.graph.node[src.constant_node])
         return None
-
 
 class UniqueNamer:
     """Hands out names not used anywhere in ``model``'s main graph.
@@ -317,57 +219,26 @@ class UniqueNamer:
         self.used.add(name)
         return name
 
-
-def _attr(node: onnx.NodeProto, name: str, default):
+def attribute(node: onnx.NodeProto, name: str, default):
+    """The value of attribute ``name`` of ``node``, or ``default``."""
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
     return default
 
 
-def _channels(index: GraphIndex, node: onnx.NodeProto, values: dict) -> int | None:
-    for role in ROLES:
-        v = values.get(role)
-        if v is not None and v.ndim == 1:
-            return int(v.shape[0])
-    for tensor_name in node.input[1:5]:
-        init = index.initializers.get(tensor_name)
-        if init is not None and len(init.dims) == 1:
-            return int(init.dims[0])
-    return None
+def tensor_type_and_dims(vi: onnx.ValueInfoProto | None) -> tuple[int | None, list[int | None] | None]:
+    """Element type (``TensorProto`` enum) and dimensions of a ValueInfo (None where unknown).
 
-
-def find_batchnorms(model: onnx.ModelProto, base_dir: str | None = None) -> list[BatchNormInfo]:
-    """All BatchNormalization nodes of the main graph, in node order, with their sources."""
-    opset = domain_opset(model)
-    index = GraphIndex(model)
-    found: list[BatchNormInfo] = []
-    for i, node in enumerate(model.graph.node):
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        if len(node.input) < 5 or not all(node.input[:5]):
-            raise ModelError(f"BatchNormalization {node.name or i!r} does not have 5 inputs")
-        sources = {role: index.resolve(i, _ROLE_INDEX[role]) for role in ROLES}
-        values = {role: index.value(src, base_dir) for role, src in sources.items()}
-        training = bool(_attr(node, "training_mode", 0))
-        if opset < 7:
-            training = not bool(_attr(node, "is_test", 0))
-        extra = tuple(o for o in node.output[1:] if o)
-        found.append(
-            BatchNormInfo(
-                index=i,
-                node_name=node.name,
-                input=node.input[0],
-                output=node.output[0],
-                opset=opset,
-                epsilon=float(_attr(node, "epsilon", 1e-5)),
-                momentum=float(_attr(node, "momentum", 0.9)),
-                channels=_channels(index, node, values),
-                sources=sources,
-                values=values,
-                training_mode=training,
-                extra_outputs=extra,
-                spatial=int(_attr(node, "spatial", 1)),
-            )
-        )
-    return found
+    A dimension is None unless it has a positive ``dim_value``; the dimension list is None
+    when no shape is declared at all.
+    """
+    if vi is None or not vi.type.HasField("tensor_type"):
+        return None, None
+    tt = vi.type.tensor_type
+    elem = tt.elem_type or None
+    if not tt.HasField("shape"):
+        return elem, None
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tt.shape.dim]
+    return elem, dims

@@ -1,4 +1,9 @@
-"""Load, run and atomically write ONNX models (external data and the 2 GB limit included)."""
+"""Load ONNX models (external data resolved) and serialize them for onnxruntime.
+
+Models over the 2 GB protobuf limit cannot be one serialized message: :func:`model_source`
+hands onnxruntime a temporary path with external data instead. Writing models and files
+atomically lives in :mod:`onnx_tools.outputs`.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +12,19 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from onnx_tools.errors import Interrupted, ModelError, OutputError, ProviderError
+from onnx_tools.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
 #: A ModelProto larger than this cannot be serialized to one protobuf; such models go to
 #: onnxruntime and the checker by path. Module-level so tests can lower it.
 PROTOBUF_LIMIT = 2**31 - 1
-
-#: Test injection point, called after the new model is written and checked and before it is
-#: renamed into place (interruption tests raise from it).
-before_replace: Callable[[str], None] | None = None
-
 
 @dataclass
 class LoadedModel:
@@ -71,7 +70,7 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
     base_dir = os.path.dirname(os.path.abspath(path))
     external: set[str] = set()
     locations: set[str] = set()
-    for tensor in external_data_helper._get_all_tensors(proto):
+    for tensor in all_tensors(proto):
         if external_data_helper.uses_external_data(tensor):
             external.add(tensor.name)
             info = external_data_helper.ExternalDataInfo(tensor)
@@ -134,204 +133,6 @@ def externalize_float_initializers(model: onnx.ModelProto, location: str) -> Non
         external_data_helper.set_external_data(tensor, location)
 
 
-def make_session(model: onnx.ModelProto, provider: str = "auto"):
-    """Create an onnxruntime session; return ``(session, provider_used)``.
-
-    ``auto`` uses CUDA when a session really gets ``CUDAExecutionProvider`` (checked with
-    ``session.get_providers()``, since ``get_available_providers()`` only lists what is
-    built), else CPU. ``cuda`` without a working CUDA is an error, never a silent fallback.
-    """
-    import onnxruntime as ort
-
-    if provider not in ("auto", "cuda", "cpu"):
-        raise ProviderError(f"unknown provider {provider!r}; expected auto, cuda or cpu")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Worker threads sleep between operators instead of spinning: the collection model is
-    # many memory-bound operators, and spinning threads steal the cores others are using
-    # (on a shared 2-core machine spinning made plain and rewritten runs alike slower).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    available = ort.get_available_providers()
-    want_cuda = provider == "cuda" or (
-        provider == "auto" and "CUDAExecutionProvider" in available
-    )
-    if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise ProviderError(
-            "--provider cuda: this onnxruntime build has no CUDAExecutionProvider "
-            f"(available: {', '.join(available)}); install onnxruntime-gpu (and not "
-            "onnxruntime next to it: they share the import name)"
-        )
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
-        "CPUExecutionProvider"
-    ]
-    with model_source(model) as src:
-        try:
-            session = ort.InferenceSession(src, options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelError(f"onnxruntime cannot load the model: {_short(exc)}") from exc
-    used = session.get_providers()
-    if want_cuda and "CUDAExecutionProvider" not in used:
-        if provider == "cuda":
-            raise ProviderError(
-                "--provider cuda: onnxruntime could not start CUDA (driver, CUDA or cuDNN "
-                "libraries missing?); use --provider cpu or auto"
-            )
-        logger.info("CUDA is built in but could not start; using CPU")
-    name = "cuda" if "CUDAExecutionProvider" in used else "cpu"
-    return session, name
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) < 400 else text[:400] + "..."
-
-
-# Interrupts (SIGINT/SIGTERM through the CLI's handler) are deferred while a write is
-# between renames that must land together; see ``interrupt``.
-_hold_depth = 0
-_pending_signal: int | None = None
-
-
-def interrupt(signum: int) -> None:
-    """Raise :class:`Interrupted` now, or, inside a critical section, as soon as it ends."""
-    global _pending_signal
-    if _hold_depth:
-        _pending_signal = signum
-        return
-    raise Interrupted(signum)
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """A critical section: an ``interrupt`` arriving inside it is delivered on leaving it."""
-    global _hold_depth, _pending_signal
-    _hold_depth += 1
-    try:
-        yield
-    finally:
-        _hold_depth -= 1
-        if not _hold_depth and _pending_signal is not None:
-            signum, _pending_signal = _pending_signal, None
-            raise Interrupted(signum)
-
-
-def check_output(
-    out: str | os.PathLike,
-    *,
-    what: str = "output",
-    input_path: str | os.PathLike | None = None,
-    in_place: bool = False,
-) -> str:
-    """Fail before any work when ``out`` cannot be written; return it as an absolute path.
-
-    Checks that its folder exists and is writable, that it is not a directory, and (unless
-    ``in_place``) that it is not the input model itself: writing there would modify the input.
-    """
-    out = os.path.abspath(os.fspath(out))
-    folder = os.path.dirname(out)
-    if not os.path.isdir(folder):
-        raise OutputError(f"{what} folder does not exist: {folder}")
-    if os.path.isdir(out):
-        raise OutputError(f"{what} path is a directory: {out}")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{what} folder is not writable: {folder}")
-    if os.path.exists(out) and not os.access(out, os.W_OK):
-        raise OutputError(f"{what} file is not writable: {out}")
-    if (
-        not in_place
-        and input_path is not None
-        and os.path.exists(out)
-        and os.path.exists(input_path)
-        and os.path.samefile(out, input_path)
-    ):
-        raise OutputError(f"{what} {out} is the input model; use --in-place (in_place=True) to overwrite it")
-    return out
-
-
-def write_model(
-    model: onnx.ModelProto,
-    out: str | os.PathLike,
-    *,
-    like: LoadedModel | None = None,
-    in_place: bool = False,
-) -> None:
-    """Write ``model`` to ``out`` atomically and check it with the onnx checker (by path).
-
-    External data is written back the same way the input stored it: the tensors that were
-    external stay external, in one file named after the output (``OUT.data``; ``--in-place``
-    keeps the input's file name). A model over the protobuf limit always goes external.
-    Everything is written into a temporary folder next to ``out``, checked, then renamed into
-    place; on any error or interruption nothing is left behind.
-    """
-    out = check_output(out, input_path=like.path if like is not None else None, in_place=in_place)
-    target_dir = os.path.dirname(out)
-    try:
-        tmpdir = tempfile.mkdtemp(prefix=".bnref-onnx-", dir=target_dir)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {target_dir}: {exc.strerror or exc}") from exc
-    try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        external = set(like.external) if like is not None else set()
-        too_big = model_size(copy) > PROTOBUF_LIMIT
-        location = None
-        if external or too_big:
-            location = os.path.basename(out) + ".data"
-            if in_place and like is not None and len(like.locations) == 1:
-                location = next(iter(like.locations))
-            if os.sep in location or (os.altsep and os.altsep in location):
-                location = os.path.basename(out) + ".data"
-            for tensor in external_data_helper._get_all_tensors(copy):
-                if tensor.name in external and tensor.HasField("raw_data"):
-                    external_data_helper.set_external_data(tensor, location)
-            if too_big:
-                externalize_float_initializers(copy, location)
-        tmp_model = os.path.join(tmpdir, os.path.basename(out))
-        try:
-            onnx.save_model(copy, tmp_model)
-        except OSError as exc:
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        try:
-            onnx.checker.check_model(tmp_model)
-        except onnx.checker.ValidationError as exc:
-            raise ModelError(f"the written model fails the onnx checker: {_short(exc)}") from exc
-        if before_replace is not None:
-            before_replace(out)
-        # The data file and the model must land together: an interrupt between the two
-        # renames would pair the old model with the new data file (--in-place). An interrupt
-        # arriving here is delivered right after both.
-        with _signals_held():
-            if location is not None and os.path.exists(os.path.join(tmpdir, location)):
-                os.replace(os.path.join(tmpdir, location), os.path.join(target_dir, location))
-            try:
-                os.replace(tmp_model, out)
-            except OSError as exc:
-                raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def atomic_write_bytes(data: bytes, out: str | os.PathLike) -> None:
-    """Write bytes to ``out`` via a temporary file in the same folder and ``os.replace``."""
-    out = check_output(out)
-    target_dir = os.path.dirname(out)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".bnref-onnx-", dir=target_dir)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {target_dir}: {exc.strerror or exc}") from exc
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        except OSError as exc:  # disk full, quota, I/O error: the temporary file goes away below
-            raise OutputError(f"cannot write {out}: {exc.strerror or exc}") from exc
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        if before_replace is not None:
-            before_replace(out)
-        os.replace(tmp, out)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+def all_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of the model: initializers and tensor attributes, subgraphs included."""
+    return list(external_data_helper._get_all_tensors(model))  # onnx has no public iterator

@@ -151,7 +151,7 @@ def test_onnx_tool_matches_numpy_precise_bn_end_to_end(split, trained, estimator
 
 
 def test_experiment_statistics_helpers():
-    from demo.experiments import mean_std, paired
+    from demo.experiments.common import mean_std, paired
 
     s = mean_std([0.9, 0.92, 0.94])
     assert s["mean"] == pytest.approx(0.92) and s["std"] == pytest.approx(0.02)

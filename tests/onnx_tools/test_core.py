@@ -10,7 +10,7 @@ import pytest
 
 import bnref
 import onnx_tools as ot
-from onnx_tools.stats import model_fingerprint
+from onnx_tools.fingerprint import model_fingerprint
 from tests.onnx_tools.helpers import (
     assert_stats_close,
     cnn_data,

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_tools import modelio
+from onnx_tools import outputs
 from tests.onnx_tools.helpers import assert_clean_failure, cnn_data, file_digest, listing, run_cli
 
 # ``onnx_tools.collect`` the attribute is the function; the hooks live in the module.
@@ -205,7 +205,7 @@ def test_interrupt_just_before_rename_leaves_nothing(tmp_path, cnn_files, monkey
         # the new file is complete (written and checked) but not yet in place
         os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr(modelio, "before_replace", hook)
+    monkeypatch.setattr(outputs, "before_replace", hook)
     before = listing(tmp_path)
     if command == "collect":
         args = ["collect", model, "--data", data, "-o", tmp_path / "s.npz"]

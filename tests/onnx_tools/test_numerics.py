@@ -17,8 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_tools as ot
 from onnx_tools.errors import DataError
-from onnx_tools.modelio import make_session
 from onnx_tools.rewrite import STAGE_LIMIT, ReductionPlan, build_collection_model, plan_reduction
+from onnx_tools.session import make_session
 
 
 def bn_model(shape: list, dtype: int = TensorProto.FLOAT, opset: int = 15) -> onnx.ModelProto:

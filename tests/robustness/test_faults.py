@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnx_tools import modelio
+from onnx_tools import outputs
 from tests.onnx_tools.helpers import (
     assert_clean_failure,
     cnn_data,
@@ -114,8 +114,8 @@ def test_output_folder_not_writable(files, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(modelio.tempfile, "mkdtemp", denied)
-    monkeypatch.setattr(modelio.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(outputs.tempfile, "mkdtemp", denied)
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", denied)
     for args in (["recalibrate", "-o", folder / "o.onnx"], ["collect", "-o", folder / "s.npz"]):
         rc, _, err = run_cli(args[0], model, "--data", data, "--batch-size", "8", *args[1:])
         assert_clean_failure(rc, err, 1, "Permission denied", folder, before, model, digest)
@@ -226,11 +226,11 @@ def test_signal_between_data_and_model_rename_is_held(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
         real_replace(src, dst)
 
-    monkeypatch.setattr(modelio.os, "replace", replace_then_signal)
+    monkeypatch.setattr(outputs.os, "replace", replace_then_signal)
     rc, _, err = run_cli("recalibrate", model_path, "--data", data, "--batch-size", "8", "--in-place")
     assert rc == 130 and "interrupted" in err
     assert calls == ["ext.onnx.data", "ext.onnx"]  # both renames happened before the interrupt
-    monkeypatch.setattr(modelio.os, "replace", real_replace)
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
     written = onnx.load(model_path)  # model and data file agree
     onnx.checker.check_model(written)
     assert any(p.key.startswith("bnref") for p in written.metadata_props)

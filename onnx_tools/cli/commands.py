@@ -1,0 +1,173 @@
+"""The ``bnref-onnx`` subcommands: each turns its arguments into one API call and prints.
+
+Every output is checked once, before any work (:func:`_check_outputs`), and the checked
+:class:`~onnx_tools.outputs.OutputPath` is what the API writes to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+
+from onnx_tools.apply import apply_stats
+from onnx_tools.batchnorms import EXPORT_ADVICE
+from onnx_tools.collect import collect
+from onnx_tools.compare import compare_models
+from onnx_tools.outputs import OutputPath, atomic_write_bytes, check_output, write_model
+from onnx_tools.pipeline import ModelDescription, describe_model, recalibrate
+from onnx_tools.report import DriftReport
+from onnx_tools.stats import load_stats, merge_stats, save_stats
+
+
+def _image_options(args: argparse.Namespace):
+    """The ``--image-*`` options as ``ImageOptions`` (None when none was given)."""
+    from onnx_tools.data import ImageOptions
+
+    given = {
+        "crop": args.image_crop, "resize": args.image_resize, "mode": args.image_mode,
+        "scale": args.image_scale, "mean": args.image_mean, "std": args.image_std,
+        "layout": args.image_layout,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    return ImageOptions(**given) if given else None
+
+
+def _collect_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "batch_size": args.batch_size,
+        "num_samples": args.num_samples,
+        "estimator": args.estimator,
+        "bessel": args.bessel,
+        "provider": args.provider,
+        "shuffle": args.shuffle,
+        "seed": args.seed,
+        "keep_partial": args.keep_partial,
+        "include": args.include,
+        "exclude": args.exclude,
+        "image_options": _image_options(args),
+        "progress": None if not args.quiet else False,
+    }
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+def _format_description(name: str, desc: ModelDescription) -> list[str]:
+    lines = []
+    if not desc.batchnorms:
+        lines.append(f"{name}: no BatchNormalization node in the main graph; {EXPORT_ADVICE}.")
+    for bn in desc.batchnorms:
+        s = bn.summary()
+        stats = "not stored"
+        if s["var_mean"] is not None and s["mean_abs_mean"] is not None:
+            stats = (f"|mean| avg {s['mean_abs_mean']:.4g}, var min/avg/max "
+                     f"{s['var_min']:.4g}/{s['var_mean']:.4g}/{s['var_max']:.4g}")
+        lines.append(f"{bn.label}  (output {bn.output})")
+        lines.append(f"  channels {bn.channels}, eps {bn.epsilon:g}, momentum {bn.momentum:g}, "
+                     f"opset {bn.opset}{', training_mode=1' if bn.training_mode else ''}")
+        for role in ("mean", "var", "scale", "bias"):
+            lines.append(f"  {role:5s}: {bn.sources[role].describe()}")
+        lines.append(f"  stats: {stats}")
+    if desc.in_subgraphs:
+        lines.append("BatchNormalization inside control-flow bodies (not supported): "
+                     + "; ".join(desc.in_subgraphs))
+    if desc.batchnorms:
+        lines.append(f"{len(desc.batchnorms)} BatchNormalization node(s)")
+    return lines
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    desc = describe_model(args.model)
+    if args.json:
+        _print(json.dumps({"model": args.model, **desc.to_dict()}, indent=2))
+        return 0
+    for line in _format_description(args.model, desc):
+        _print(line)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Targets:
+    output: OutputPath | None
+    report: OutputPath | None
+
+
+def _check_outputs(args: argparse.Namespace) -> _Targets:
+    """Fail before any work (so nothing is half-done) when an output cannot be written."""
+    if getattr(args, "in_place", False):
+        output = check_output(args.model, in_place=True)
+    else:
+        output = check_output(args.output, input_path=getattr(args, "model", None))
+    report = check_output(args.report, what="report") if getattr(args, "report", None) else None
+    return _Targets(output, report)
+
+
+def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) -> None:
+    if targets.report is not None:
+        atomic_write_bytes(report.to_json().encode("utf-8"), targets.report)
+    if not args.quiet:
+        _print(report.format_table(max_rows=40))
+        _print(f"wrote {args.model if args.in_place else args.output}")
+
+
+def _cmd_recalibrate(args: argparse.Namespace) -> int:
+    targets = _check_outputs(args)
+    result = recalibrate(
+        args.model, args.data, output=None if args.in_place else targets.output,
+        in_place=args.in_place, prior_strength=args.prior_strength, **_collect_kwargs(args),
+    )
+    _finish(args, result.report, targets)
+    return 0
+
+
+def _cmd_collect(args: argparse.Namespace) -> int:
+    targets = _check_outputs(args)
+    stats = collect(args.model, args.data, shard=args.shard, **_collect_kwargs(args))
+    save_stats(stats, targets.output)
+    if not args.quiet:
+        shard = f" (shard {stats.shards[0]}/{stats.num_shards})" if stats.num_shards > 1 else ""
+        _print(f"collected {len(stats.bns)} BN over {stats.num_samples} samples in "
+               f"{stats.num_batches} batches{shard} -> {args.output}")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    targets = _check_outputs(args)
+    merged = merge_stats([load_stats(p) for p in args.stats])
+    save_stats(merged, targets.output)
+    if not args.quiet:
+        state = "complete" if merged.complete else (
+            f"shards {merged.shards} of {merged.num_shards}: incomplete")
+        _print(f"merged {len(args.stats)} file(s): {merged.num_samples} samples, "
+               f"{merged.num_batches} batches ({state}) -> {args.output}")
+    return 0
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    targets = _check_outputs(args)
+    result = apply_stats(args.model, args.stats, prior_strength=args.prior_strength)
+    write_model(result.model, targets.output, like=result.loaded, in_place=args.in_place)
+    _finish(args, result.report, targets)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    result = compare_models(
+        args.model_a, args.model_b, args.data, labels=args.labels,
+        batch_size=args.batch_size, num_samples=args.num_samples, provider=args.provider,
+        image_options=_image_options(args),
+    )
+    _print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    return 0
+
+
+COMMANDS = {
+    "inspect": _cmd_inspect,
+    "recalibrate": _cmd_recalibrate,
+    "collect": _cmd_collect,
+    "merge": _cmd_merge,
+    "apply": _cmd_apply,
+    "compare": _cmd_compare,
+}

@@ -1,0 +1,167 @@
+"""The ``bnref-onnx`` argument parser: subcommands, their options and the value types.
+
+Values are parsed here (a malformed number is a usage error, exit 2); what they mean is
+checked once, by the API the command calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import bnref
+from onnx_tools.session import PROVIDERS
+
+PROG = "bnref-onnx"
+
+
+def version() -> str:
+    """``bnref-onnx X (onnx Y, onnxruntime Z)``."""
+    import onnx
+
+    try:
+        import onnxruntime as ort
+
+        ort_version = ort.__version__
+    except ImportError:
+        ort_version = "not installed"
+    return f"{PROG} {bnref.__version__} (onnx {onnx.__version__}, onnxruntime {ort_version})"
+
+
+def _shard(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected I/K (e.g. 0/4), got {text!r}")
+    i, k = int(m.group(1)), int(m.group(2))
+    if k < 1 or i >= k:
+        raise argparse.ArgumentTypeError(f"shard I/K needs 0 <= I < K, got {text!r}")
+    return i, k
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected comma-separated numbers, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _add_collection(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("collection options")
+    g.add_argument("--batch-size", type=_positive_int, default=64,
+                   help="normalization batch size (default 64; a static batch dim overrides)")
+    g.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="use at most N samples (default: all)")
+    g.add_argument("--estimator", choices=list(bnref.ESTIMATORS),
+                   default="population",
+                   help="population: pooled biased variance (fvcore, the paper); "
+                   "mean_of_variances: mean of unbiased batch variances (torch update_bn)")
+    g.add_argument("--bessel", action="store_true",
+                   help="population only: write n/(n-1) times the pooled variance")
+    g.add_argument("--provider", choices=list(PROVIDERS), default="auto",
+                   help="onnxruntime execution provider (default auto: CUDA if it really runs)")
+    g.add_argument("--shuffle", action="store_true", help="take samples in a seeded random order")
+    g.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0)")
+    g.add_argument("--keep-partial", action="store_true",
+                   help="keep a final batch smaller than --batch-size (dropped by default)")
+    g.add_argument("--include", metavar="REGEX", help="only BN whose node/output name matches")
+    g.add_argument("--exclude", metavar="REGEX", help="skip BN whose node/output name matches")
+    _add_images(p)
+
+
+def _add_images(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("image folder options (DATA is a directory)")
+    g.add_argument("--image-crop", type=_positive_int, help="center crop size (default: model's)")
+    g.add_argument("--image-resize", type=_positive_int,
+                   help="shorter side before cropping (default crop/0.875)")
+    g.add_argument("--image-mode", choices=["RGB", "L"], help="pillow mode (default from model)")
+    g.add_argument("--image-scale", type=float, help="pixel scale (default 1/255)")
+    g.add_argument("--image-mean", type=_floats, help="per-channel mean (default ImageNet)")
+    g.add_argument("--image-std", type=_floats, help="per-channel std (default ImageNet)")
+    g.add_argument("--image-layout", choices=["NCHW", "NHWC"], help="default from the model")
+
+
+def _output_group(p: argparse.ArgumentParser, *, short: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    names = ["--output", "-o"] if short else ["--output"]
+    g.add_argument(*names, dest="output", metavar="OUT", help="write the new model here")
+    g.add_argument("--in-place", action="store_true", help="overwrite the input model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (exposed for documentation and tests)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar, report table or notes")
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common],
+        description="Recalibrate the BatchNormalization statistics of an ONNX model with "
+        "Precise BatchNorm (training-mode batch statistics aggregated over calibration data).",
+    )
+    parser.add_argument("--version", action="version", version=version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", parents=[common], help="list BN nodes and their statistics")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("recalibrate", parents=[common], help="collect and apply in one go")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help=".npy, .npz, image folder, module:function or file.py:function")
+    _output_group(p, short=True)
+    _add_collection(p)
+    p.add_argument("--prior-strength", type=_nonneg_float, metavar="N0",
+                   help="blend old and new statistics (Schneider et al. 2020)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the drift report as JSON")
+
+    p = sub.add_parser("collect", parents=[common], help="collect statistics into a STATS file")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="DATA")
+    p.add_argument("--output", "-o", required=True, metavar="STATS")
+    p.add_argument("--shard", type=_shard, metavar="I/K", help="take whole batches I, I+K, ...")
+    _add_collection(p)
+
+    p = sub.add_parser("merge", parents=[common], help="merge STATS shards (any order)")
+    p.add_argument("stats", nargs="+", metavar="STATS")
+    p.add_argument("--output", "-o", required=True, metavar="STATS")
+
+    p = sub.add_parser("apply", parents=[common], help="write a STATS file into a model")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("stats", metavar="STATS")
+    _output_group(p, short=True)
+    p.add_argument("--prior-strength", type=_nonneg_float, metavar="N0")
+    p.add_argument("--report", metavar="REPORT.json")
+
+    p = sub.add_parser("compare", parents=[common], help="compare two models on data")
+    p.add_argument("model_a", metavar="MODEL_A")
+    p.add_argument("model_b", metavar="MODEL_B")
+    p.add_argument("--data", required=True, metavar="DATA")
+    p.add_argument("--labels", metavar="LABELS.npy")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--num-samples", type=_positive_int, default=None)
+    p.add_argument("--provider", choices=list(PROVIDERS), default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_images(p)
+    return parser

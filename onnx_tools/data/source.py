@@ -1,0 +1,167 @@
+"""The interface every kind of calibration data implements: :class:`DataSource`.
+
+A source is iterated with :meth:`DataSource.batches`, which takes a
+:class:`~onnx_tools.data.plan.BatchPlan` and yields ``(index, feed)`` pairs, ``feed`` being a
+dict from model input name to an array whose leading (batch) dimension is the batch size.
+Every batch is checked for NaN/Inf (:func:`~onnx_tools.data.spec.check_finite`) and added to
+the fingerprint (:mod:`onnx_tools.data.fingerprint`) here, once, for every kind of data.
+:class:`IndexedSource` is the base of the data that can be read by index (arrays, images).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from onnx_tools.data.fingerprint import batch_digest, format_fingerprint
+from onnx_tools.data.plan import BatchPlan, DataSummary
+from onnx_tools.data.spec import Feed, InputSpec, check_finite
+from onnx_tools.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class DataSource(abc.ABC):
+    """Calibration data for one model; iterate it with :meth:`batches`.
+
+    :attr:`summary` (a :class:`~onnx_tools.data.plan.DataSummary`) describes the latest (or
+    current) iteration.
+    """
+
+    def __init__(self, specs: Sequence[InputSpec], description: str) -> None:
+        self.specs = list(specs)
+        self.description = description
+        self._open_notes: list[str] = []
+        self._restart_summary()
+
+    @property
+    @abc.abstractmethod
+    def num_samples(self) -> int | None:
+        """Samples available in the data, or ``None`` when unknown before reading (readers)."""
+
+    @property
+    def summary(self) -> DataSummary:
+        """What the latest call of :meth:`batches` used (a copy)."""
+        return self._summary.copy()
+
+    def _restart_summary(self, batch_size: int = 0) -> None:
+        """Start a new summary holding the notes of opening (call again after adding some)."""
+        self._summary = DataSummary(self.description, batch_size, notes=list(self._open_notes))
+
+    def _note(self, text: str) -> None:
+        notes = self._summary.notes
+        if text not in notes:
+            notes.append(text)
+            logger.info("%s", text)
+
+    def batches(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        """Yield ``(index, feed)`` for the batches of ``plan`` (see :mod:`onnx_tools.data.plan`).
+
+        ``index`` is the global batch index, the same with or without ``plan.shard``. The
+        fingerprint in :attr:`summary` is the XOR of the SHA-256 of every yielded batch (see
+        :mod:`onnx_tools.data.fingerprint`), so the fingerprints of the shards of a run
+        combine with :func:`~onnx_tools.data.combine_fingerprints` into the unsharded one.
+        The plan is resolved against the model (static batch dimension) at once, so
+        :attr:`summary` holds the batch size used before the first batch is read.
+        """
+        resolved, notes = plan.resolve(self.specs)
+        self._restart_summary(resolved.batch_size)
+        for note in notes:
+            self._note(note)
+        self._summary.shuffle = bool(resolved.shuffle)
+        self._summary.seed = int(resolved.seed)
+        self._summary.shard = resolved.sharding
+        return self._run(resolved)
+
+    def count_batches(self, plan: BatchPlan) -> int | None:
+        """Return how many batches :meth:`batches` will yield (for a progress bar).
+
+        ``None`` when the number of samples is unknown before reading (readers).
+        """
+        total = self.num_samples
+        if total is None:
+            return None
+        resolved, _ = plan.resolve(self.specs)
+        return resolved.count(total)
+
+    def _run(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        acc = 0
+        for index, feed in self._generate(plan):
+            check_finite(feed, index)  # here, once, so no consumer can forget it
+            acc ^= batch_digest(index, feed)
+            summary = self._summary
+            summary.num_batches += 1
+            summary.num_samples += len(next(iter(feed.values())))
+            summary.fingerprint = format_fingerprint(acc)
+            yield index, feed
+        if self._summary.num_batches == 0:
+            raise DataError(self._empty_message(plan))
+
+    def _empty_message(self, plan: BatchPlan) -> str:
+        first, step = plan.sharding
+        if step > 1:
+            return (
+                f"no samples: shard {first}/{step} gets no batch of size {plan.batch_size} "
+                "(use fewer shards or a smaller batch size)"
+            )
+        dropped = self._summary.dropped
+        if dropped:
+            return (
+                f"no samples: the only batch had {dropped} sample(s), fewer than the batch "
+                f"size {plan.batch_size} (use a smaller batch size or keep-partial)"
+            )
+        return f"no samples in {self.description}"
+
+    @abc.abstractmethod
+    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        """Yield the batches the resolved ``plan`` owns; record ``dropped`` and notes."""
+
+
+class IndexedSource(DataSource):
+    """Data with a known number of samples that can be read by index (arrays, image files).
+
+    With ``shuffle`` each batch reads its rows in ascending order (sorted reads, so a memory
+    map is read forward) and then restores the shuffled order; the permutation costs O(N)
+    int64.
+    """
+
+    @property
+    def num_samples(self) -> int:
+        """Samples available in the data."""
+        return self._length()
+
+    @abc.abstractmethod
+    def _length(self) -> int:
+        """Return the number of samples."""
+
+    @abc.abstractmethod
+    def _load(self, indices: np.ndarray | slice) -> Feed:
+        """Return the samples at ``indices`` (ascending, or a slice) as model-ready arrays."""
+
+    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        total = self._length()
+        if total == 0:
+            return
+        n, full, rest = plan.split(total)
+        if plan.num_samples is not None and plan.num_samples > total:
+            self._note(f"asked for {plan.num_samples} samples, the data has {total}: using {total}")
+        order = np.random.default_rng(plan.seed).permutation(total)[:n] if plan.shuffle else None
+        count = full + (1 if rest and plan.keep_partial else 0)
+        if rest and not plan.keep_partial and plan.owns(full):
+            self._summary.dropped = rest
+        size = plan.batch_size
+        first, step = plan.sharding
+        for index in range(first, count, step):
+            start, stop = index * size, min((index + 1) * size, n)
+            if order is None:
+                yield index, self._load(slice(start, stop))
+                continue
+            wanted = order[start:stop]
+            perm = np.argsort(wanted, kind="stable")  # read rows in file order, then restore
+            loaded = self._load(wanted[perm])
+            inverse = np.empty_like(perm)
+            inverse[perm] = np.arange(len(perm))
+            yield index, {name: a[inverse] for name, a in loaded.items()}

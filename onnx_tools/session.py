@@ -1,0 +1,63 @@
+"""onnxruntime sessions: the provider asked for, and the one a session really runs on."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+
+from onnx_tools import modelio
+from onnx_tools.errors import ModelError, ProviderError, short_message
+
+logger = logging.getLogger(__name__)
+
+#: The ``provider`` values every function taking one accepts.
+PROVIDERS = ("auto", "cuda", "cpu")
+
+
+def make_session(model: onnx.ModelProto, provider: str = "auto"):
+    """Create an onnxruntime session; return ``(session, provider_used)``.
+
+    ``auto`` uses CUDA when a session really gets ``CUDAExecutionProvider`` (checked with
+    ``session.get_providers()``, since ``get_available_providers()`` only lists what is
+    built), else CPU. ``cuda`` without a working CUDA is an error, never a silent fallback.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise ProviderError(f"unknown provider {provider!r}; expected auto, cuda or cpu")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Worker threads sleep between operators instead of spinning: the collection model is
+    # many memory-bound operators, and spinning threads steal the cores others are using
+    # (on a shared 2-core machine spinning made plain and rewritten runs alike slower).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    available = ort.get_available_providers()
+    want_cuda = provider == "cuda" or (
+        provider == "auto" and "CUDAExecutionProvider" in available
+    )
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ProviderError(
+            "--provider cuda: this onnxruntime build has no CUDAExecutionProvider "
+            f"(available: {', '.join(available)}); install onnxruntime-gpu (and not "
+            "onnxruntime next to it: they share the import name)"
+        )
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
+        "CPUExecutionProvider"
+    ]
+    with modelio.model_source(model) as src:
+        try:
+            session = ort.InferenceSession(src, options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelError(f"onnxruntime cannot load the model: {short_message(exc)}") from exc
+    used = session.get_providers()
+    if want_cuda and "CUDAExecutionProvider" not in used:
+        if provider == "cuda":
+            raise ProviderError(
+                "--provider cuda: onnxruntime could not start CUDA (driver, CUDA or cuDNN "
+                "libraries missing?); use --provider cpu or auto"
+            )
+        logger.info("CUDA is built in but could not start; using CPU")
+    name = "cuda" if "CUDAExecutionProvider" in used else "cpu"
+    return session, name
