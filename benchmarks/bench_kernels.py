@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bnref  # noqa: E402
-from bnref import _kernels  # noqa: E402
+from bnref import runtime  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "kernels.json"
 
@@ -83,10 +84,10 @@ def machine() -> dict:
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "bnref_threads": _kernels.num_threads(),
-        "bnref_block_elems": _kernels._config["block_elems"],
-        "bnref_float32_forward": _kernels._config["float32_forward"],
-        "bnref_max_block_elems": _kernels._config["max_block_elems"],
+        "bnref_threads": runtime.num_threads(),
+        "bnref_block_elems": runtime.settings()["block_elems"],
+        "bnref_float32_forward": runtime.settings()["float32_forward"],
+        "bnref_max_block_elems": runtime.settings()["max_block_elems"],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -111,10 +112,14 @@ def _stats_floor(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.add.reduce(x, axis=0, dtype=np.float64), np.einsum("nc,nc->c", x, x, dtype=np.float64)
 
 
+#: The floor's second thread: one worker kept for the whole run, as bnref keeps its pool's.
+_FLOOR_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="floor")
+
+
 def _stats_floor_threads(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``_stats_floor`` with the second half of the rows on a worker of bnref's thread pool."""
+    """``_stats_floor`` with the second half of the rows on a second, already running thread."""
     h = x.shape[0] // 2
-    other = _kernels._get_pool(max(1, _kernels.num_threads() - 1)).submit(_stats_floor, x[h:])
+    other = _FLOOR_POOL.submit(_stats_floor, x[h:])
     s, q = _stats_floor(x[:h])
     s2, q2 = other.result()
     return s + s2, q + q2
@@ -194,7 +199,7 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
     for op in OPS:
         # From a clean state: the scratch and constants the kernels keep between calls are
         # released first, so the traced peak includes what this call makes them keep.
-        _kernels.release_kept_memory()
+        runtime.release_kept_memory()
         tracemalloc.start()
         tracemalloc.reset_peak()
         fns[("bnref", op)]()
@@ -266,7 +271,7 @@ def run(rounds: int, threads: int, repeat: int = 2) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    _kernels.set_num_threads(threads)
+    runtime.set_num_threads(threads)
     out = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -381,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())))
         return 0
-    _kernels._config["float32_forward"] = args.float32_forward
-    data = run(5 if args.quick else args.rounds, args.threads, args.repeat)
+    with runtime.tuning(float32_forward=args.float32_forward):
+        data = run(5 if args.quick else args.rounds, args.threads, args.repeat)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {args.out}\n")

@@ -8,12 +8,17 @@ Where each concept lives:
 * ``bnref.conventions``  — each framework's momentum/eps/Bessel/axis conventions as data.
 * ``bnref.precise``      — ``PreciseBN`` (Precise BatchNorm aggregation) and ``blend_prior``.
 * ``bnref.ghost``        — ghost (virtual) BN and per-domain BN.
-* ``bnref.testing``      — hypothesis strategies and checks to test *your* BN against the oracle.
+* ``bnref.runtime``      — threads, tuning and the memory the kernels keep between calls.
+* ``bnref.testing``      — test *your* BN against the oracle: ``strategies`` (hypothesis),
+  ``tolerances`` (``Tolerance``, ``assert_within``), ``check`` (``check_batch_norm``).
+* ``bnref._kernels``     — private: the blocked, threaded kernels that touch every element
+  (``layout``, ``blocks``, ``sums``, ``pool``, ``memory``, ``stats``, ``float32``, ``forward``,
+  ``backward``); each numerical proof sits beside its kernel (``bnref/_kernels/__init__.py``).
 
 All computation is float64; results come back in the input's dtype.
 """
 
-from bnref import conventions
+from bnref import conventions, runtime
 from bnref._version import __version__
 from bnref.backward import batch_norm_eval_backward, batch_norm_train_backward
 from bnref.forward import BatchNormCache, batch_norm_eval, batch_norm_train
@@ -30,6 +35,7 @@ from bnref.precise import ESTIMATORS, PreciseBN, blend_prior
 __all__ = [
     "__version__",
     "conventions",
+    "runtime",
     "Moments",
     "BatchNormCache",
     "batch_norm_train",

@@ -22,7 +22,7 @@ scratch (channel-major layouts such as NCHW: one pass over x and dy); otherwise 
 arithmetic on per-channel constants derived in float64 (the float32 mean subtracted first),
 proved and tested within 2.5 * eps32 of the natural scale ``|gamma| / std * (|dy| + mean|dy|
 + |x_hat| * mean|dy * x_hat|)``, with a per-channel fallback to float64 where that bound would
-not hold (see ``bnref._kernels``).
+not hold (the proof: ``bnref/_kernels/backward.py``).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Numerics (float64 throughout):
   Its error grows with ((K - mean) / std)**2 only, never with |mean|: a channel whose K turns
   out more than 2 std from its mean is summed again around its mean (K = the exact mean is
   the classic corrected two-pass). There is no ``E[x**2] - E[x]**2`` anywhere, so
-  |mean| >> std loses nothing; M2 is within ~2e-13 relative (``bnref._kernels``).
+  |mean| >> std loses nothing; M2 is within ~2e-13 relative (``bnref/_kernels/stats.py``).
 * ``merge`` is the pairwise update of Chan et al. (1979), written in a symmetric form so that
   ``a.merge(b)`` and ``b.merge(a)`` are bitwise equal::
 

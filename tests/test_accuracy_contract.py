@@ -1,4 +1,4 @@
-"""The accuracy contract of the fast (blocked, threaded) kernels — issue 6.
+"""The accuracy contract of the fast (blocked, threaded) kernels (README: Numerical contract).
 
 References are computed here, independently of bnref: per channel in extended precision
 (np.longdouble where it is the 80-bit x87 format, else exactly rounded sums with math.fsum),
@@ -8,10 +8,10 @@ Contract checked:
 * statistics: mean within 1e-12 * (|mean| + std), M2 within 1e-12 * M2, also for
   |mean| >> std, for any block size and thread count;
 * float32 input: |out - out64| <= 4 * eps32 * natural_scale for y, dx, dscale, dbias; the tests
-  check the tighter bounds bnref/_kernels.py proves (y: the float64 answer rounded once,
-  0.5 eps32 + 2**-9 eps32 — or 2 eps32 on the opt-in float32 forward path; training dx, a
-  float32 path: 2.5 eps32; inference dx: 1 eps32; sums: 1 eps32; all times 1 + 2**-18 for
-  second-order terms),
+  check the tighter bounds bnref/_kernels/forward.py and backward.py prove (y: the float64
+  answer rounded once, 0.5 eps32 + 2**-9 eps32 — or 2 eps32 on the opt-in float32 forward
+  path; training dx, a float32 path: 2.5 eps32; inference dx: 1 eps32; sums: 1 eps32; all
+  times 1 + 2**-18 for second-order terms),
   including |mean| / std up to ~1e9 (where the float32 path hands channels to float64) and the
   worst case for the float32 path (|mean - float32(mean)| ~ std);
 * float64 input: a few ulp (8 * eps64 * natural_scale, observed <= 3.7; sums: 2 * log2(n) * eps64).
@@ -25,7 +25,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import bnref
-from bnref import _kernels
+from bnref import runtime
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -123,9 +123,9 @@ def check(name, got, want, scale, factor):
     assert np.all(err <= bound), f"{name}: worst error {worst:.3g} x the bound {factor:.3g} * scale"
 
 
-CONTRACT32 = 4 * EPS32  # the issue's bound for float32 input
+CONTRACT32 = 4 * EPS32  # the README's numerical contract for float32 input
 SECOND_ORDER = 1 + 2.0**-18  # slack for the O(eps32**2) terms the proofs drop
-#: Bounds proved in bnref/_kernels.py's docstring for float32 input, in units of eps32:
+#: Bounds proved in bnref/_kernels/forward.py and backward.py for float32 input, in units of eps32:
 #: y is the float64 answer rounded once (0.5 + 2**-10 for the fused x*a + b' form), or, with
 #: the opt-in float32 forward path, within 2 eps32.
 PROVED32 = {"y": 0.5 + 2.0**-9, "y_float32_path": 2.0, "dx": 2.5, "eval_dx": 1.0,
@@ -195,7 +195,7 @@ def cases(draw):
 @given(cases())
 def test_statistics_within_1e_12_of_extended_two_pass(case):
     x, _, _, _, axis, (block, threads, _) = case
-    with _kernels.tuning(block_elems=block, threads=threads, parallel_min=0):
+    with runtime.tuning(block_elems=block, threads=threads, parallel_min=0):
         m = bnref.Moments.from_array(x, axis)
     _, mean, m2 = _centered(x, axis)
     n = m.count
@@ -212,7 +212,7 @@ def test_statistics_far_from_zero_exact():
     rng = np.random.default_rng(1)
     x = (1e4 + rng.standard_normal((64, 3, 28, 28))).astype(np.float32)
     for block in (37, None):
-        with _kernels.tuning(block_elems=block):
+        with runtime.tuning(block_elems=block):
             m = bnref.Moments.from_array(x, 1)
         _, mean, m2 = _centered(x, 1)
         check("mean", m.mean, mean, np.abs(np.asarray(mean, float)), 1e-12)
@@ -225,7 +225,7 @@ def test_statistics_far_from_zero_exact():
 @given(cases())
 def test_train_forward_backward_bounds(case):
     x, dy, scale, bias, axis, (block, threads, fast) = case
-    with _kernels.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast):
+    with runtime.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast):
         y, cache = bnref.batch_norm_train(x, scale, bias, eps=1e-5, axis=axis)
         dx, dscale, dbias = bnref.batch_norm_train_backward(dy, cache)
     assert y.dtype == dx.dtype == dscale.dtype == x.dtype
@@ -241,7 +241,7 @@ def test_eval_forward_backward_bounds(case):
     rng = np.random.default_rng(C)
     mean = _columns(x, axis).astype(np.float64).mean(axis=0) + rng.standard_normal(C)
     var = rng.uniform(0.1, 4.0, C) * np.asarray(_columns(x, axis), np.float64).std(axis=0) ** 2
-    with _kernels.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast):
+    with runtime.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast):
         y = bnref.batch_norm_eval(x, scale, bias, mean, var, eps=1e-5, axis=axis)
         dx, dscale, dbias = bnref.batch_norm_eval_backward(dy, x, scale, mean, var, 1e-5, axis)
     want, scales = ref_eval(x, dy, scale, bias, mean, var, 1e-5, axis)
@@ -282,7 +282,7 @@ def test_float32_path_worst_case_mean_between_two_floats(p, axis):
     scale = (rng.standard_normal(C) * 2).astype(np.float32)
     bias = rng.standard_normal(C).astype(np.float32)
     for eps, fast in ((0.0, False), (0.0, True), (1e-12, True)):
-        with _kernels.tuning(float32_forward=fast):
+        with runtime.tuning(float32_forward=fast):
             y, cache = bnref.batch_norm_train(x, scale, bias, eps=eps, axis=axis)
             dx, dscale, dbias = bnref.batch_norm_train_backward(dy, cache)
             mean, var = cache.mean, cache.var
@@ -305,7 +305,7 @@ def test_results_independent_of_thread_count():
     dy = rng.standard_normal(x.shape).astype(np.float32)
     outs = []
     for threads in (1, 2, 3):
-        with _kernels.tuning(block_elems=50, threads=threads, parallel_min=0):
+        with runtime.tuning(block_elems=50, threads=threads, parallel_min=0):
             y, cache = bnref.batch_norm_train(x, None, None)
             outs.append((y, *bnref.batch_norm_train_backward(dy, cache), cache.mean, cache.var))
     for other in outs[1:]:
@@ -318,7 +318,7 @@ def test_nan_propagates_to_its_channel_only(axis):
     x = np.random.default_rng(4).standard_normal((8, 4, 6, 5))
     x[3, 2, 1, 0] = np.nan
     ch = 2 if axis == 1 else 0
-    with _kernels.tuning(block_elems=16):
+    with runtime.tuning(block_elems=16):
         y, cache = bnref.batch_norm_train(x, None, None, axis=axis)
     yc = np.moveaxis(y, axis, -1)
     bad = np.zeros(x.shape[axis], bool)

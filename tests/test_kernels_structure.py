@@ -1,15 +1,16 @@
-"""Every code path of the blocked kernels (bnref/_kernels.py), against independent references.
+"""Every code path of the blocked kernels (bnref/_kernels/), against independent references.
 
-Each structure the layout code can choose is built on purpose with a small ``block_elems``,
-and the structure is asserted twice: ``_kernels._plan`` for the case must have the expected
-shape (modes, blocks, units), and a spy on ``_Layout.run`` checks that every blocked pass of
-every kernel actually ran on that plan, so each test provably covers the path it names:
+Each structure the layout code can choose is built on purpose with a small ``block_elems``
+(``bnref.runtime.tuning``), and the structure is asserted twice: ``bnref._kernels.layout.plan``
+for the case must have the expected shape (modes, blocks, units), and a spy on ``Layout.run``
+checks that every blocked pass of every kernel actually ran on that plan, so each test
+provably covers the path it names:
 
 * row mode (B >= ROW_MODE_MIN_RUN) with several blocks per channel: runs split in pieces,
   and several runs per block with a ragged last block;
 * tiled column mode: several blocks per unit (``first=False`` blocks add into the unit's
   partial sums), a last unit shorter than the others and a ragged last block; blocks taller
-  than GROUP_ROWS (grouped ``_column_sums`` with and without a remainder group); 1 < B < 64;
+  than GROUP_ROWS (grouped ``column_sums`` with and without a remainder group); 1 < B < 64;
 * general column mode (rows too wide for the block): column slices, ragged ones, slices that
   split a channel's B columns, several row groups;
 * channels-last layouts (B == 1), sliced and negative-stride inputs (copied once), dy laid out
@@ -18,11 +19,12 @@ every kernel actually ran on that plan, so each test provably covers the path it
   whole channel when it fits in FUSE_MAX_BLOCKS blocks), at a small and the default block size.
 
 Outputs are compared with the extended-precision references of tests/test_accuracy_contract.py
-(statistics: 1e-12; outputs: the bounds bnref/_kernels.py proves), with |mean| >> std in some
-cases and random upstream gradients. Also: bitwise independence of the thread count, the second
-pass of ``channel_stats`` and of the fused forward (forced through a terrible shift), the
-float32 paths' guards, the per-thread constants arena, the layout cache, NaN propagation (one
-channel only), and empty inputs.
+(statistics: 1e-12; outputs: the bounds bnref/_kernels/forward.py and backward.py prove), with
+|mean| >> std in some cases and random upstream gradients. Also: bitwise independence of the
+thread count, the second pass of ``channel_stats`` and of the fused forward (forced by a zero
+shift, ``tuning(sampled_shift=False)``, on data far from zero), the float32 paths' guards, the
+per-thread constants arena, the layout cache, NaN propagation (one channel only), and empty
+inputs.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ import math
 import threading
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 import bnref
-from bnref import _kernels
+from bnref import runtime
+from bnref._kernels import config, memory, stats
+from bnref._kernels import forward as kernel_forward
+from bnref._kernels import layout as kernel_layout
 from tests.test_accuracy_contract import (
     EPS64,
     _centered,
@@ -76,8 +82,8 @@ def arrange(a: np.ndarray, layout: str, axis: int) -> np.ndarray:
     raise AssertionError(layout)
 
 
-def plan_of(x: np.ndarray, axis: int, block: int) -> _kernels._Layout:
-    return _kernels._plan(x.shape, x.strides, x.itemsize, axis % x.ndim, block)
+def plan_of(x: np.ndarray, axis: int, block: int) -> kernel_layout.Layout:
+    return kernel_layout.plan(x.shape, x.strides, x.itemsize, axis % x.ndim, block)
 
 
 def unit_rows(unit) -> int:
@@ -93,7 +99,7 @@ def blocks_per_channel(p) -> int:
 
 def expect_row_split_runs(p):
     # Runs longer than a block: each run in several pieces, one run per block.
-    assert p.row_mode and not p.tiled and p.B >= _kernels.ROW_MODE_MIN_RUN
+    assert p.row_mode and not p.tiled and p.B >= config.ROW_MODE_MIN_RUN
     assert any(b.shape[1] < p.B for b in p.blocks)
     assert all(b.shape[0] == 1 for b in p.blocks)
     assert blocks_per_channel(p) > p.A
@@ -109,7 +115,7 @@ def expect_row_many_runs(p):
 
 def expect_tiled_units(p):
     # Several blocks per unit (first=False blocks accumulate), a shorter last unit, ragged last block.
-    assert not p.row_mode and p.tiled and p.rows < _kernels.GROUP_ROWS
+    assert not p.row_mode and p.tiled and p.rows < config.GROUP_ROWS
     assert len(p.units) >= 3
     first = p.units[0]
     assert len(first) >= 3
@@ -123,8 +129,8 @@ def expect_tiled_units(p):
 
 
 def expect_tiled_tall(p):
-    # Blocks taller than GROUP_ROWS: _column_sums groups them, with and without a remainder.
-    g = _kernels.GROUP_ROWS
+    # Blocks taller than GROUP_ROWS: column_sums groups them, with and without a remainder.
+    g = config.GROUP_ROWS
     assert not p.row_mode and p.tiled and p.rows > g
     heights = [b.shape[0] for b in p.blocks]
     assert len(heights) >= 3 and all(len(u) == 1 for u in p.units)
@@ -139,7 +145,7 @@ def expect_general(p):
     widths = {b.shape[1] for b in p.blocks}
     heights = {b.shape[0] for b in p.blocks}
     assert max(widths) < W and len(widths) >= 2  # column slices, a ragged last one
-    assert max(heights) == _kernels.GROUP_ROWS and len(heights) >= 2  # row groups, a short last one
+    assert max(heights) == config.GROUP_ROWS and len(heights) >= 2  # row groups, a short last one
     assert p.part_shape[0] >= 3
     if p.B > 1:  # some slice boundary falls inside a channel's B columns
         assert any(b.vidx.start % p.B for b in p.blocks)
@@ -162,7 +168,7 @@ def channels_last(p):
 
 
 def short_runs(p):
-    assert 1 < p.B < _kernels.ROW_MODE_MIN_RUN
+    assert 1 < p.B < config.ROW_MODE_MIN_RUN
 
 
 @dataclass(frozen=True)
@@ -215,22 +221,46 @@ MIXED = np.array([1e4, -3e6, 0.0])
 
 @pytest.fixture
 def ran(monkeypatch):
-    """The layout of every blocked pass the kernels run (``_Layout.run``), in order."""
+    """The layout of every blocked pass the kernels run (``Layout.run``), in order."""
     seen = []
-    orig = _kernels._Layout.run
+    orig = kernel_layout.Layout.run
 
     def spy(self, work, bufs, **kw):
         seen.append(self)
         return orig(self, work, bufs, **kw)
 
-    monkeypatch.setattr(_kernels._Layout, "run", spy)
+    monkeypatch.setattr(kernel_layout.Layout, "run", spy)
     return seen
+
+
+@pytest.fixture
+def handoffs(monkeypatch):
+    """Per blocked pass (``Layout.run``), how many workers it handed to a thread pool.
+
+    Counted at ``ThreadPoolExecutor.submit``: the pool's workers are the threads beyond the
+    calling one, so a pass on n threads submits n - 1.
+    """
+    per_pass, submits = [], []
+    orig_submit, orig_run = ThreadPoolExecutor.submit, kernel_layout.Layout.run
+
+    def submit(self, fn, /, *args, **kwargs):
+        submits.append(fn)
+        return orig_submit(self, fn, *args, **kwargs)
+
+    def run(self, work, bufs, **kw):
+        before = len(submits)
+        orig_run(self, work, bufs, **kw)
+        per_pass.append(len(submits) - before)
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    monkeypatch.setattr(kernel_layout.Layout, "run", run)
+    return per_pass
 
 
 def fuses(x: np.ndarray, axis: int, block: int) -> bool:
     """Whether training mode takes the fused one-pass row-mode kernels (whole channels)."""
     n = x.size // x.shape[axis]
-    return plan_of(x, axis, block).row_mode and n <= _kernels.FUSE_MAX_BLOCKS * block
+    return plan_of(x, axis, block).row_mode and n <= config.FUSE_MAX_BLOCKS * block
 
 
 def whole_channels(L) -> bool:
@@ -268,7 +298,11 @@ def make_data(shape, axis, dtype, loc, std, seed, layout="c", dy_layout="c") -> 
     axis = axis % len(shape)
     C = shape[axis]
     bshape = [C if i == axis else 1 for i in range(len(shape))]
-    base = MIXED[np.arange(C) % MIXED.size] if loc == "mixed" else np.full(C, loc)
+    if isinstance(loc, str):
+        assert loc == "mixed"
+        base = MIXED[np.arange(C) % MIXED.size]
+    else:  # one location for every channel, or one per channel
+        base = np.broadcast_to(np.asarray(loc, np.float64), (C,))
     ch_loc = base * (1 + 0.1 * rng.standard_normal(C))
     x = (rng.standard_normal(shape) * std + ch_loc.reshape(bshape)).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
@@ -280,9 +314,9 @@ def make_data(shape, axis, dtype, loc, std, seed, layout="c", dy_layout="c") -> 
     return Data(arrange(x, layout, axis), arrange(dy, dy_layout, axis), axis, scale, bias, emean, evar)
 
 
-def run_all(d: Data, block: int | None, threads: int = 1, fast: bool = False) -> dict:
+def run_all(d: Data, block: int | None, threads: int = 1, fast: bool = False, **knobs) -> dict:
     """Statistics, training forward/backward and inference forward/backward, in bnref."""
-    with _kernels.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast):
+    with runtime.tuning(block_elems=block, threads=threads, parallel_min=0, float32_forward=fast, **knobs):
         return run_untuned(d)
 
 
@@ -369,33 +403,49 @@ def test_structure_matches_references(case, dtype, dy_same, loc, ran):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_bitwise_independent_of_thread_count(case, dtype, monkeypatch):
+def test_bitwise_independent_of_thread_count(case, dtype, handoffs):
     d = make_data(case.shape, case.axis, dtype, "mixed", 1.0, seed=7, layout=case.layout, dy_layout=case.dy_other)
     plan = plan_of(d.x, case.axis, case.block)
     case.expect(plan)
     assert len(plan.units) >= 2  # work for more than one thread
-    pools = []
-    orig = _kernels._get_pool
-    monkeypatch.setattr(_kernels, "_get_pool", lambda w: pools.append(w) or orig(w))
     outs = {}
-    for threads in (1, 2, 3):
-        pools.clear()
+    for threads in (1, 2, 3):  # run_all: under runtime.tuning(threads=threads)
+        handoffs.clear()
         outs[threads] = [run_all(d, case.block, threads=threads, fast=f) for f in (False, True)]
         # The pool ran (with up to threads - 1 workers, one per unit at most) iff threads > 1.
-        assert (len(pools) > 0) == (threads > 1)
+        pools = [w for w in handoffs if w]
+        assert len(handoffs) >= 10 and (len(pools) > 0) == (threads > 1)
         assert all(1 <= w <= threads - 1 for w in pools)
         if threads > 1:
             assert min(threads, len(plan.units)) - 1 in pools
     # Below parallel_min: the calling thread only, whatever the thread count.
-    pools.clear()
-    with _kernels.tuning(block_elems=case.block, threads=3, parallel_min=d.x.size + 1):
+    handoffs.clear()
+    with runtime.tuning(block_elems=case.block, threads=3, parallel_min=d.x.size + 1):
         small = run_untuned(d)
-    assert not pools
+    assert handoffs and not any(handoffs)
     check_run(d, outs[1][0])
     for threads in (2, 3):
         for a, b in zip(outs[1], outs[threads], strict=True):
             assert_bitwise(a, b)
     assert_bitwise(outs[1][0], small)
+
+
+def test_set_num_threads_is_what_the_kernels_use(handoffs):
+    d = make_data((150, 30, 2, 5), 1, np.float64, 1e4, 1.0, seed=8)
+    old = runtime.num_threads()
+    try:
+        runtime.set_num_threads(3)
+        assert runtime.num_threads() == 3 == runtime.settings()["threads"]
+        with runtime.tuning(block_elems=1100, parallel_min=0):
+            assert runtime.num_threads() == 3
+            out = run_untuned(d)
+        assert 2 in handoffs and all(w <= 2 for w in handoffs)
+        with pytest.raises(ValueError, match="positive int"):
+            runtime.set_num_threads(0)
+    finally:
+        runtime.set_num_threads(old)
+    assert runtime.num_threads() == old
+    check_run(d, out)
 
 
 # -- 3. the second pass of channel_stats --------------------------------------------------------------
@@ -409,43 +459,44 @@ SECOND_PASS_CASES = [c for c in CASES if c.name in ("row_split_runs", "row_fused
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", SECOND_PASS_CASES, ids=[c.name for c in SECOND_PASS_CASES])
 def test_second_pass_meets_contract(case, dtype, bad, monkeypatch):
+    # tuning(sampled_shift=False): every channel is shifted by 0, so the channels whose mean is
+    # far from 0 (|mean| / std: 1e6, one channel at 1e4 among channels at 0, or 1e8) are summed
+    # twice, the second time around their mean.
+    C = case.shape[case.axis]
     if bad == "zero_at_1e8":
         # float32 at 1e8 has a spacing of 8: std 100 keeps the data non-degenerate.
         loc, std = 1e8, (100.0 if dtype == np.float32 else 1.0)
+    elif bad == "far_all":
+        loc, std = 1e6, 1.0
     else:
-        loc, std = 1e4, 1.0
+        loc, std = np.where(np.arange(C) == 1, 1e4, 0.0), 1.0
     d = make_data(case.shape, case.axis, dtype, loc, std, seed=11, layout=case.layout)
     case.expect(plan_of(d.x, case.axis, case.block))
     _, ref_mean, ref_m2 = _centered(d.x, d.axis)
     n = _columns(d.x, d.axis).shape[0]
     mean64 = np.asarray(ref_mean, np.float64)
     std64 = np.sqrt(np.asarray(ref_m2, np.float64) / n)
-    C = mean64.size
-    far = np.ones(C, bool)
-    if bad == "zero_at_1e8":
-        shift = np.zeros(C)
-    elif bad == "far_all":
-        shift = mean64 + 1e6 * std64
-    else:
-        shift = mean64 + 0.5 * std64  # near enough: one pass
-        shift[1] -= 1e6 * std64[1]
-        far[:] = False
-        far[1] = True
-    monkeypatch.setattr(_kernels, "_sample_mean", lambda L: shift.copy())
+    far = np.arange(C) == 1 if bad == "far_one" else np.ones(C, bool)
+    assert np.array_equal(np.abs(mean64) > 100 * std64, far)
+    assert np.all(np.abs(mean64[~far]) < 0.5 * std64[~far])  # near 0: one pass
+    shift = np.zeros(C)
     shifts = []
-    orig = _kernels._shifted_sums
+    orig = stats.shifted_sums
 
     def spy(L, k):
         shifts.append(np.array(k, np.float64))
         return orig(L, k)
 
-    monkeypatch.setattr(_kernels, "_shifted_sums", spy)
+    monkeypatch.setattr(stats, "shifted_sums", spy)
+    with runtime.tuning(block_elems=case.block):  # the sampled shift: one pass, for this data
+        stats.channel_stats(d.x, d.axis % d.x.ndim)
+    assert len(shifts) == 1 and not np.array_equal(shifts[0][far], shift[far])
     for threads in (1, 2):
         shifts.clear()
-        with _kernels.tuning(block_elems=case.block, threads=threads, parallel_min=0):
-            mean, mean_lo, m2 = _kernels.channel_stats(d.x, d.axis % d.x.ndim)
+        with runtime.tuning(block_elems=case.block, threads=threads, parallel_min=0, sampled_shift=False):
+            mean, mean_lo, m2 = stats.channel_stats(d.x, d.axis % d.x.ndim)
             assert len(shifts) == 2  # the second pass ran
-            again = _kernels.channel_stats(d.x, d.axis % d.x.ndim)  # deterministic, same shifts
+            again = stats.channel_stats(d.x, d.axis % d.x.ndim)  # deterministic, same shifts
         assert all(u.tobytes() == v.tobytes() for u, v in zip(again, (mean, mean_lo, m2), strict=True))
         assert len(shifts) == 4 and all(np.array_equal(u, v) for u, v in zip(shifts[:2], shifts[2:], strict=True))
         assert np.array_equal(shifts[0], shift)
@@ -453,13 +504,13 @@ def test_second_pass_meets_contract(case, dtype, bad, monkeypatch):
         assert np.all(np.abs(shifts[1][far] - mean64[far]) <= 1e-3 * std64[far])  # around the mean
         check_stats(d.x, d.axis, mean, m2, mean_lo)
     # The outputs built on these statistics (training mode uses mean_lo too); the fused training
-    # forward has a second pass of its own (a second _sums_of per far channel).
+    # forward has a second pass of its own (a second sums_of per far channel).
     d.dy = arrange(np.random.default_rng(12).standard_normal(d.x.shape).astype(dtype), "c", d.axis)
     sums_of = []
-    orig_sums_of = _kernels._sums_of
-    monkeypatch.setattr(_kernels, "_sums_of", lambda *a: sums_of.append(1) or orig_sums_of(*a))
+    orig_sums_of = kernel_forward.sums_of
+    monkeypatch.setattr(kernel_forward, "sums_of", lambda *a: sums_of.append(1) or orig_sums_of(*a))
     shifts.clear()
-    out = run_all(d, case.block)
+    out = run_all(d, case.block, sampled_shift=False)
     if case.fused:
         assert len(sums_of) == C + far.sum() and len(shifts) == 2  # channel_stats: Moments only
     else:
@@ -483,7 +534,7 @@ def test_float32_guards_fall_back_to_float64(case):
     case.expect(plan)
     f32_consts = []
     masks = []  # row mode: the per-channel path masks blocks were checked against
-    orig_const, orig_takes = _kernels._Layout.const, _kernels._Layout.takes
+    orig_const, orig_takes = kernel_layout.Layout.const, kernel_layout.Layout.takes
 
     def spy_const(self, v, dtype=np.float64):
         f32_consts.append(dtype == np.float32)
@@ -495,8 +546,8 @@ def test_float32_guards_fall_back_to_float64(case):
 
     seen = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_kernels._Layout, "const", spy_const)
-        mp.setattr(_kernels._Layout, "takes", spy_takes)
+        mp.setattr(kernel_layout.Layout, "const", spy_const)
+        mp.setattr(kernel_layout.Layout, "takes", spy_takes)
         for tiny in (False, True):
             if tiny:
                 d.scale[0] = np.float32(1e-30)
@@ -522,7 +573,7 @@ def test_fused_row_mode_at_default_block_size(dtype, ran):
     # 130 * 1024 values per channel: more than one default block, at most FUSE_MAX_BLOCKS of them,
     # so training takes whole channels (scratch larger than the kept one); inference mode takes
     # blocks of 64 runs (64, 64, 2).
-    block = _kernels.BLOCK_ELEMS
+    block = config.BLOCK_ELEMS
     d = make_data((130, 2, 32, 32), 1, dtype, "mixed", 1.0, seed=71, dy_layout="cl")
     plan = plan_of(d.x, 1, block)
     assert plan.row_mode and [b.shape[0] for b in plan.blocks if b.vidx == 0] == [64, 64, 2]
@@ -556,30 +607,31 @@ def test_empty_input(shape, axis, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_arena_growth_keeps_results(dtype, monkeypatch):
-    monkeypatch.delattr(_kernels._tls, "arena", raising=False)  # a fresh arena for this thread
+def test_arena_growth_keeps_results(dtype):
+    runtime.release_kept_memory()  # a fresh arena for this thread
+    assert memory.thread_arena() is None
     small = make_data((40, 6), 1, dtype, 1e4, 1.0, seed=21)
     big = make_data((300, 40, 5), 1, dtype, 1e4, 1.0, seed=22, dy_layout="cl")  # W = 200
     small_block, big_block = 6 * 16, 200 * 32
     assert plan_of(small.x, 1, small_block).tiled and plan_of(big.x, 1, big_block).tiled
     out1 = run_all(small, small_block)
     keep = [a.copy() for a in flat(out1)]
-    arena1 = _kernels._tls.arena
-    size1, kept1 = arena1.buf.size, _kernels.kept_nbytes()
+    arena1 = memory.thread_arena()
+    size1, kept1 = arena1.buf.size, runtime.kept_nbytes()
     check_run(small, out1)
 
     out2 = run_all(big, big_block)
-    arena2 = _kernels._tls.arena
+    arena2 = memory.thread_arena()
     assert arena2 is not arena1 and arena2.buf.size > size1  # it grew
     assert arena2.buf.size >= 3 * 32 * 200 * np.dtype(dtype).itemsize  # room for a call's tiles
-    assert _kernels.kept_nbytes() > kept1
+    assert runtime.kept_nbytes() > kept1
     check_run(big, out2)
     for a, b in zip(flat(out1), keep, strict=True):  # earlier results untouched
         assert a.tobytes() == b.tobytes()
 
     # Again, in the grown arena: the small case and the big one reproduce their results.
     out3 = run_all(small, small_block)
-    assert _kernels._tls.arena is arena2  # kept, not shrunk
+    assert memory.thread_arena() is arena2  # kept, not shrunk
     assert_bitwise(out1, out3)
     keep2 = [a.copy() for a in flat(out2)]
     out4 = run_all(big, big_block)
@@ -598,7 +650,7 @@ def test_arena_per_thread_concurrent_calls():
     block = 200 * 16
     assert all(plan_of(d.x, 1, block).tiled for d in datas)
     assert len(plan_of(datas[0].x, 1, block).units) >= 3
-    with _kernels.tuning(block_elems=block, threads=2, parallel_min=0):
+    with runtime.tuning(block_elems=block, threads=2, parallel_min=0):
         alone = [run_untuned(d) for d in datas]
         barrier = threading.Barrier(2)
         results: list = [None, None]
@@ -629,19 +681,34 @@ def test_kept_nbytes_forgets_exited_threads():
 
     def use():
         bnref.batch_norm_train(x, None, None)
-        info["refs"] = [weakref.ref(_kernels._tls.arena.buf), weakref.ref(_kernels._tls.bufs[0].base)]
+        arena, kept = memory.thread_arena(), memory.thread_kept_arrays()
+        info["arena_and_scratch"] = arena is not None and arena.buf in kept and len(kept) >= 2
+        info["refs"] = [weakref.ref(a) for a in kept]
+        info["during"] = runtime.kept_nbytes()
 
-    with _kernels.tuning(block_elems=200 * 32, threads=1):
-        before = _kernels.kept_nbytes()
+    with runtime.tuning(block_elems=200 * 32, threads=1):
+        before = runtime.kept_nbytes()
         t = threading.Thread(target=use)
         t.start()
         t.join()
     gc.collect()
-    assert len(info["refs"]) == 2 and all(r() is None for r in info["refs"])  # its arena and scratch: freed
-    after = _kernels.kept_nbytes()
-    live = {th.ident for th in threading.enumerate()}
-    stale = sum(v for (tid, _), v in _kernels._kept.items() if tid not in live)
-    assert stale == 0 and after <= before, f"{stale} bytes of exited threads counted"
+    assert info["arena_and_scratch"] and info["during"] > before  # the thread kept memory, counted
+    assert all(r() is None for r in info["refs"])  # its arena and scratch: freed
+    after = runtime.kept_nbytes()
+    assert after <= before, f"{after - before} bytes of exited threads counted"
+
+
+def test_release_kept_memory():
+    d = make_data((300, 40, 5), 1, np.float64, 1e4, 1.0, seed=82)
+    with runtime.tuning(block_elems=200 * 32, threads=1):
+        out = run_untuned(d)
+        assert runtime.kept_nbytes() > 0 and memory.thread_arena() is not None
+        runtime.release_kept_memory()
+        assert runtime.kept_nbytes() == 0
+        assert memory.thread_arena() is None and memory.thread_kept_arrays() == []
+        again = run_untuned(d)  # buffers made anew: the same results
+    assert runtime.kept_nbytes() > 0 and memory.thread_arena() is not None
+    assert_bitwise(out, again)
 
 
 # -- 5. the layout cache ------------------------------------------------------------------------------
