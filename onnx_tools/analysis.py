@@ -8,9 +8,9 @@ its BatchNormalization nodes and fingerprints it once.
 
 from __future__ import annotations
 
-import functools
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import onnx
 
@@ -37,10 +37,28 @@ class ModelAnalysis:
         """The model itself (all tensor data in memory)."""
         return self.loaded.model
 
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        """:func:`~onnx_tools.fingerprint.model_fingerprint` of the model, computed once."""
-        return model_fingerprint(self.loaded.model)
+    _fingerprints: dict[frozenset[str], str] = field(default_factory=dict, repr=False)
+
+    def statistics_storage(self, keys: Iterable[str]) -> frozenset[str]:
+        """Tensors holding the running mean/var of the BNs ``keys`` that nothing else reads."""
+        wanted = set(keys)
+        return frozenset(
+            src.storage
+            for bn in self.batchnorms if bn.key in wanted
+            for src in (bn.sources["mean"], bn.sources["var"])
+            if src.writable and not src.shared
+        )
+
+    def fingerprint(self, keys: Iterable[str]) -> str:
+        """Fingerprint for statistics of the BNs ``keys`` (computed once per selection).
+
+        :func:`~onnx_tools.fingerprint.model_fingerprint` without the values of those BNs'
+        own running mean/var, which collection never reads.
+        """
+        skip = self.statistics_storage(keys)
+        if skip not in self._fingerprints:
+            self._fingerprints[skip] = model_fingerprint(self.loaded.model, skip)
+        return self._fingerprints[skip]
 
 
 def analyze_model(model: ModelLike | ModelAnalysis) -> ModelAnalysis:

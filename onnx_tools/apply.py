@@ -150,10 +150,11 @@ def _check_applicable(analysis: ModelAnalysis, stats: CollectedStats) -> None:
             f"the STATS file holds shards {stats.shards} of {stats.num_shards}; merge all "
             "shards first (bnref-onnx merge)"
         )
-    if analysis.fingerprint != stats.model_fingerprint:
+    if analysis.fingerprint(stats.bns) != stats.model_fingerprint:
         raise StatsError(
-            "the STATS file was collected on another model (model fingerprints differ); "
-            "collect statistics on this model"
+            "the STATS file was collected on another model (model fingerprints differ: "
+            "another graph, other weights or constants, or other input shapes); collect "
+            "statistics on this model"
         )
 
 
@@ -170,7 +171,7 @@ def _new_statistics(bn: BatchNormInfo, stats: CollectedStats, estimator: str, be
     if prior_strength:
         old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
         if old_mean is None or old_var is None:
-            raise ModelError(f"--prior-strength needs the stored statistics of {bn.label!r}")
+            raise ModelError(f"a prior strength needs the stored statistics of {bn.label!r}")
         new_mean, new_var = bnref.blend_prior(
             old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
         )
@@ -244,8 +245,9 @@ def apply_stats(
         stats = load_stats(stats)
     _check_applicable(analysis, stats)
     check_prior_strength(prior_strength)
-    est = stats.estimator if estimator is None else check_estimator(estimator)
+    est = stats.estimator if estimator is None else estimator
     bes = stats.bessel if bessel is None else bessel
+    check_estimator(est, bes)
     out = onnx.ModelProto()
     out.CopyFrom(analysis.model)
     # The analysis describes the input; node indices and storage are the same in the copy.

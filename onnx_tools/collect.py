@@ -52,12 +52,17 @@ def _open_source(analysis: ModelAnalysis, data: Any,
     return open_data(data, InputSpec.from_model(analysis.model), image_options)
 
 
-def _warn_small_batch(size: int) -> None:
+def _warn_small_batch(size: int, static: bool) -> None:
     if size < SMALL_BATCH:
+        advice = (
+            "the model's batch dimension is fixed: export it with a dynamic (or larger) batch "
+            "dimension to collect with larger batches"
+            if static else "use a larger batch size if memory allows"
+        )
         logger.warning(
             "batch size %d is far below the batch sizes BN is usually trained with (32-256): "
-            "batch statistics, and so the recalibrated model, will differ from training; "
-            "use a larger --batch-size if memory allows", size,
+            "batch statistics, and so the recalibrated model, will differ from training; %s",
+            size, advice,
         )
 
 
@@ -86,7 +91,7 @@ def _aggregate(cm: CollectionModel, by_name: dict[str, np.ndarray],
                 f"batch {index}: BatchNormalization {bn.label!r} sees {count} value per "
                 "channel (batch of one into a BN after a fully connected layer?); a "
                 "batch needs at least 2 values per channel for a variance: use a "
-                "larger --batch-size"
+                "larger batch size"
             )
         mean, var = by_name[out.mean], by_name[out.var]
         if not (np.isfinite(mean).all() and np.isfinite(var).all()):
@@ -116,11 +121,9 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
 def _report_summary(summary: DataSummary) -> None:
     if summary.dropped:
         logger.info(
-            "dropped a final partial batch of %d sample(s) (use --keep-partial to keep it)",
+            "dropped a final partial batch of %d sample(s) (keep it with keep_partial, --keep-partial)",
             summary.dropped,
         )
-    for note in summary.notes:
-        logger.info("%s", note)
 
 
 def _collected(cm: CollectionModel, aggs: dict[str, bnref.PreciseBN], summary: DataSummary,
@@ -189,7 +192,7 @@ def collect(
     Returns:
         :class:`onnx_tools.stats.CollectedStats`.
     """
-    check_estimator(estimator)
+    check_estimator(estimator, bessel)
     analysis = analyze_model(model)
     cm = build_collection_model(analysis.model, include=include, exclude=exclude,
                                 base_dir=analysis.loaded.base_dir, bns=analysis.batchnorms)
@@ -199,7 +202,7 @@ def collect(
     plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
                      keep_partial=keep_partial, shard=shard)
     batches = source.batches(plan)
-    _warn_small_batch(source.summary.batch_size)
+    _warn_small_batch(source.summary.batch_size, any(s.static_batch for s in source.specs))
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
     _run_all(session, cm, batches, aggs, source.count_batches(plan), progress)
     _report_summary(source.summary)
@@ -211,5 +214,5 @@ def collect(
         "include": include,
         "exclude": exclude,
     }
-    return _collected(cm, aggs, source.summary, analysis.fingerprint, estimator, bessel,
+    return _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns), estimator, bessel,
                       shard, run, used)

@@ -1,8 +1,22 @@
 """Errors raised by ``onnx_tools``.
 
 Every problem caused by user input (model, data, options, files) raises a subclass of
-:class:`BnrefOnnxError`; the command line turns it into one line
-``bnref-onnx: error: ...`` and exit status 1. Anything else is a bug and keeps its traceback.
+:class:`BnrefOnnxError` that is also the built-in exception it is a kind of, so plain
+``except ValueError`` / ``except OSError`` work:
+
+* :class:`ModelError` (``ValueError``): the model is missing, corrupt or unsupported;
+* :class:`DataError` (``ValueError``): calibration data cannot be read or does not fit;
+* :class:`StatsError` (``ValueError``): a STATS file is corrupt, incompatible or foreign;
+* :class:`OptionError` (``ValueError``): an argument has a value it cannot take;
+* :class:`OptionTypeError` (``TypeError``): an argument has the wrong type, or is unknown;
+* :class:`ProviderError` (``RuntimeError``): the requested execution provider cannot run;
+* :class:`OutputError` (``OSError``): an output cannot be written, or would overwrite an
+  input or another output.
+
+Messages speak of API arguments (``batch_size``); the command line prints them as
+``bnref-onnx: error: ...`` with exit status 1. :class:`Interrupted` (SIGINT/SIGTERM) is a
+``KeyboardInterrupt``, not an ``Exception``: no ``except Exception`` on the way (a data
+reader, a session run) can swallow it. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,31 +26,35 @@ class BnrefOnnxError(Exception):
     """Base class of all user-facing errors of ``bnref-onnx``."""
 
 
-class ModelError(BnrefOnnxError):
+class ModelError(BnrefOnnxError, ValueError):
     """The model is missing, corrupt, unsupported, or has no usable BatchNormalization."""
 
 
-class DataError(BnrefOnnxError):
+class DataError(BnrefOnnxError, ValueError):
     """The calibration data cannot be read, does not fit the model, or is not finite."""
 
 
-class StatsError(BnrefOnnxError):
+class StatsError(BnrefOnnxError, ValueError):
     """A STATS file is corrupt, incompatible with another, or belongs to another model."""
 
 
-class ProviderError(BnrefOnnxError):
+class ProviderError(BnrefOnnxError, RuntimeError):
     """The requested onnxruntime execution provider cannot run."""
 
 
-class OutputError(BnrefOnnxError):
-    """An output file cannot be written."""
+class OutputError(BnrefOnnxError, OSError):
+    """An output file cannot be written, or would overwrite an input or another output."""
 
 
 class OptionError(BnrefOnnxError, ValueError):
     """An argument of the API (an option of the CLI) has a value it cannot take."""
 
 
-class Interrupted(BnrefOnnxError):  # noqa: N818 - the name reads as the event it is
+class OptionTypeError(BnrefOnnxError, TypeError):
+    """An argument of the API has the wrong type, or a keyword argument is unknown."""
+
+
+class Interrupted(KeyboardInterrupt):  # noqa: N818 - the name reads as the event it is
     """The run was stopped by SIGINT or SIGTERM; ``signum`` says which."""
 
     def __init__(self, signum: int) -> None:

@@ -8,17 +8,39 @@ The set of estimators is :data:`bnref.ESTIMATORS`.
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Iterable
 
 import bnref
-from onnx_tools.errors import OptionError
+from onnx_tools.errors import OptionError, OptionTypeError
 
 
-def check_estimator(estimator: str) -> str:
-    """Return ``estimator`` if it is one of :data:`bnref.ESTIMATORS`, else raise."""
+def check_estimator(estimator: str, bessel: bool | None = None) -> str:
+    """Return ``estimator`` if it is one of :data:`bnref.ESTIMATORS` and fits ``bessel``.
+
+    Bessel's correction belongs to the population estimator only: ``mean_of_variances``
+    already averages unbiased batch variances, so ``bessel=True`` with it is refused rather
+    than silently ignored.
+    """
     if estimator not in bnref.ESTIMATORS:
         raise OptionError(f"unknown estimator {estimator!r}; expected {', '.join(bnref.ESTIMATORS)}")
+    if bessel and estimator != "population":
+        raise OptionError(
+            f"bessel applies only to the population estimator; {estimator} already averages "
+            "unbiased batch variances"
+        )
     return estimator
+
+
+def check_keywords(function: str, given: Iterable[str], allowed: Iterable[str]) -> None:
+    """Refuse keyword arguments ``function`` does not take, naming it (and the closest match)."""
+    allowed = list(allowed)
+    for name in given:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise OptionTypeError(f"{function}() got an unexpected keyword argument {name!r}{hint}")
 
 
 def check_prior_strength(prior_strength: float | None) -> float | None:

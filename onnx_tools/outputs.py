@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -72,8 +72,38 @@ def check_output(
         and os.path.exists(input_path)
         and os.path.samefile(out, input_path)
     ):
-        raise OutputError(f"{what} {out} is the input model; use --in-place (in_place=True) to overwrite it")
+        raise OutputError(f"{what} {out} is the input model; overwrite it only in place (in_place=True, --in-place)")
     return OutputPath(out, what)
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_distinct(
+    outputs: Mapping[str, str | os.PathLike | None],
+    inputs: Mapping[str, object] = {},  # noqa: B006 - read only
+) -> None:
+    """Refuse, before any work, an output that is an input or another output.
+
+    ``outputs`` and ``inputs`` map a description ("output", "report", "data", ...) to a
+    path (None: not given). Inputs that are not existing files (a folder of images, a
+    ``module:function`` reader, an array) cannot collide and are left out.
+    """
+    outs = [(what, os.fspath(p)) for what, p in outputs.items() if p is not None]
+    ins = [(what, os.fspath(p)) for what, p in inputs.items()
+           if isinstance(p, str | os.PathLike) and os.path.isfile(p)]
+    for i, (what, path) in enumerate(outs):
+        for other, other_path in outs[i + 1:]:
+            if _same_file(path, other_path):
+                raise OutputError(f"the {what} and the {other} are the same file ({path}): "
+                                  "the second write would destroy the first")
+        for other, other_path in ins:
+            if _same_file(path, other_path):
+                raise OutputError(f"the {what} {path} is the {other} file: writing it would "
+                                  f"destroy the {other}")
 
 
 def _checked(out: str | os.PathLike | OutputPath, input_path: str | None = None,

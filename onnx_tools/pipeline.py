@@ -7,6 +7,7 @@ collecting.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,8 @@ from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
 from onnx_tools.collect import collect
 from onnx_tools.errors import OutputError
-from onnx_tools.options import check_prior_strength
-from onnx_tools.outputs import OutputPath, check_output, write_model
+from onnx_tools.options import check_keywords, check_prior_strength
+from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
 
@@ -61,6 +62,13 @@ def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
     return describe_model(model).batchnorms
 
 
+#: What ``recalibrate(**collect_options)`` passes on to :func:`~onnx_tools.collect.collect`.
+_COLLECT_OPTIONS = tuple(
+    name for name, p in inspect.signature(collect).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
 @dataclass
 class RecalibrationResult:
     """What :func:`recalibrate` produced: the new model, its drift report and the statistics."""
@@ -87,6 +95,7 @@ def recalibrate(
     for a model path) the new model is written atomically and checked; otherwise it is only
     returned. The input model is never modified unless ``in_place``.
     """
+    check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
     analysis = analyze_model(model)
     check_prior_strength(prior_strength)  # fail before collecting, not after
     target = None
@@ -94,9 +103,13 @@ def recalibrate(
         if analysis.loaded.path is None:
             raise OutputError("in_place needs a model path")
         target = check_output(analysis.loaded.path, in_place=True)
+        check_distinct({"output": target.path}, {"data": data})
+    elif isinstance(output, OutputPath):
+        target = output  # checked by the caller
     elif output is not None:
-        target = output if isinstance(output, OutputPath) else check_output(
-            output, input_path=analysis.loaded.path)
+        target = check_output(output, input_path=analysis.loaded.path)
+        check_distinct({"output": target.path},
+                       {"data": data, "input model": analysis.loaded.path})
     stats = collect(analysis, data, **collect_options)
     applied = apply_stats(analysis, stats, prior_strength=prior_strength)
     if target is not None:

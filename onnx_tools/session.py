@@ -39,7 +39,7 @@ def make_session(model: onnx.ModelProto, provider: str = "auto"):
     )
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
         raise ProviderError(
-            "--provider cuda: this onnxruntime build has no CUDAExecutionProvider "
+            "provider 'cuda': this onnxruntime build has no CUDAExecutionProvider "
             f"(available: {', '.join(available)}); install onnxruntime-gpu (and not "
             "onnxruntime next to it: they share the import name)"
         )
@@ -55,8 +55,8 @@ def make_session(model: onnx.ModelProto, provider: str = "auto"):
     if want_cuda and "CUDAExecutionProvider" not in used:
         if provider == "cuda":
             raise ProviderError(
-                "--provider cuda: onnxruntime could not start CUDA (driver, CUDA or cuDNN "
-                "libraries missing?); use --provider cpu or auto"
+                "provider 'cuda': onnxruntime could not start CUDA (driver, CUDA or cuDNN "
+                "libraries missing?); use provider 'cpu' or 'auto'"
             )
         logger.info("CUDA is built in but could not start; using CPU")
     name = "cuda" if "CUDAExecutionProvider" in used else "cpu"

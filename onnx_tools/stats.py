@@ -3,8 +3,9 @@
 A STATS file holds, per selected BN, the full :class:`bnref.PreciseBN` state (both
 estimators: pooled count/mean/M2 and the equal-weight-per-batch averages), plus everything
 ``apply`` needs: the estimator chosen at collection, batch size, sample counts, the model
-fingerprint (graph structure and BN names, not statistic values, so a STATS file applies to
-the model it was collected on and is refused by any other) and the data fingerprint.
+fingerprint (:mod:`onnx_tools.fingerprint`: graph, weights, constants and input shapes, all
+but the running statistics it replaces, so a STATS file applies to the model it was
+collected on and is refused by any other checkpoint or export) and the data fingerprint.
 
 Layout: one 0-d string array ``meta`` (JSON) and, for BN number ``i`` of ``meta["bns"]``,
 arrays ``bn{i}/count``, ``bn{i}/mean``, ... as returned by ``PreciseBN.state_dict``. Loading
@@ -27,7 +28,9 @@ from onnx_tools.errors import StatsError
 from onnx_tools.outputs import OutputPath, atomic_write_bytes
 
 FORMAT = "bnref-onnx-stats"
-FORMAT_VERSION = 1
+#: 2: the model fingerprint covers weights, constants and input shapes
+#: (:mod:`onnx_tools.fingerprint`); version 1 files hashed the graph structure only.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -116,6 +119,11 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise StatsError(f"STATS file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise StatsError(
+            f"{path} is not a STATS file (a STATS file is the .npz archive that "
+            "`bnref-onnx collect` or `merge` writes)"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -125,6 +133,12 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
         meta = json.loads(str(arrays["meta"][()]))
         if meta.get("format") != FORMAT:
             raise StatsError(f"{path} is not a bnref-onnx STATS file")
+        if int(meta.get("format_version", 0)) < FORMAT_VERSION:
+            raise StatsError(
+                f"{path} has STATS format {meta.get('format_version')}, written by an older "
+                "bnref-onnx whose model fingerprint did not cover the weights; collect the "
+                "statistics again"
+            )
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise StatsError(
                 f"{path} has STATS format {meta['format_version']}; this bnref-onnx reads "

@@ -14,7 +14,14 @@ from onnx_tools.apply import apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE
 from onnx_tools.collect import collect
 from onnx_tools.compare import compare_models
-from onnx_tools.outputs import OutputPath, atomic_write_bytes, check_output, write_model
+from onnx_tools.errors import OutputError
+from onnx_tools.outputs import (
+    OutputPath,
+    atomic_write_bytes,
+    check_distinct,
+    check_output,
+    write_model,
+)
 from onnx_tools.pipeline import ModelDescription, describe_model, recalibrate
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import load_stats, merge_stats, save_stats
@@ -50,8 +57,17 @@ def _collect_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+class StdoutError(OutputError):
+    """Standard output cannot be written (full disk, closed terminal): not a broken pipe."""
+
+
 def _print(text: str) -> None:
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main exits quietly
+    except OSError as exc:
+        raise StdoutError(f"cannot write to standard output: {exc.strerror or exc}") from exc
 
 
 def _format_description(name: str, desc: ModelDescription) -> list[str]:
@@ -95,12 +111,24 @@ class _Targets:
 
 
 def _check_outputs(args: argparse.Namespace) -> _Targets:
-    """Fail before any work (so nothing is half-done) when an output cannot be written."""
-    if getattr(args, "in_place", False):
+    """Fail before any work (so nothing is half-done) when an output cannot be written.
+
+    Each output must be writable, and no output may be an input or another output.
+    """
+    in_place = getattr(args, "in_place", False)
+    if in_place:
         output = check_output(args.model, in_place=True)
     else:
         output = check_output(args.output, input_path=getattr(args, "model", None))
     report = check_output(args.report, what="report") if getattr(args, "report", None) else None
+    inputs: dict[str, object] = {"data": getattr(args, "data", None)}
+    if not in_place:
+        inputs["input model"] = getattr(args, "model", None)
+    if isinstance(getattr(args, "stats", None), str):
+        inputs["STATS"] = args.stats
+    for i, path in enumerate(args.stats if isinstance(getattr(args, "stats", None), list) else []):
+        inputs[f"input STATS #{i + 1}"] = path
+    check_distinct({"output": output.path, "report": report.path if report else None}, inputs)
     return _Targets(output, report)
 
 

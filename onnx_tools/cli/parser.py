@@ -108,25 +108,72 @@ def _output_group(p: argparse.ArgumentParser, *, short: bool) -> None:
     g.add_argument("--in-place", action="store_true", help="overwrite the input model")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the argument parser (exposed for documentation and tests)."""
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--quiet", "-q", action="store_true",
-                        help="no progress bar, report table or notes")
-    parser = argparse.ArgumentParser(
-        prog=PROG, parents=[common],
-        description="Recalibrate the BatchNormalization statistics of an ONNX model with "
-        "Precise BatchNorm (training-mode batch statistics aggregated over calibration data).",
-    )
-    parser.add_argument("--version", action="version", version=version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+#: Each subcommand: one-line help, description, examples (shown by ``COMMAND --help``).
+SUBCOMMANDS = {
+    "inspect": (
+        "list BN nodes and their statistics",
+        "List every BatchNormalization node of the main graph: channels, eps, momentum, where "
+        "its scale/bias/mean/var are stored (initializer, Constant, Identity alias, shared), "
+        "and a summary of the stored statistics. No BN usually means it was folded at export.",
+        ["bnref-onnx inspect model.onnx", "bnref-onnx inspect model.onnx --json"],
+    ),
+    "recalibrate": (
+        "collect and apply in one go",
+        "Run the model with every selected BN in training mode over DATA, aggregate each BN's "
+        "batch statistics (Precise BatchNorm), and write a model with the new mean/var. The "
+        "input model is never modified unless --in-place.",
+        ["bnref-onnx recalibrate model.onnx --data calib.npz -o fixed.onnx",
+         "bnref-onnx recalibrate model.onnx --data images/ -o fixed.onnx --batch-size 32 "
+         "--report drift.json"],
+    ),
+    "collect": (
+        "collect statistics into a STATS file",
+        "Collect the Precise BatchNorm statistics of the model over DATA into a STATS file, "
+        "to apply later or to merge with other shards (--shard I/K takes whole batches I, "
+        "I+K, ...; merging all K shards gives exactly one unsharded run).",
+        ["bnref-onnx collect model.onnx --data calib.npy -o stats.npz",
+         "bnref-onnx collect model.onnx --data calib.npy -o s0.npz --shard 0/2"],
+    ),
+    "merge": (
+        "merge STATS shards (any order)",
+        "Merge STATS files of the shards of one collection run, in any order, into one.",
+        ["bnref-onnx merge s0.npz s1.npz -o stats.npz"],
+    ),
+    "apply": (
+        "write a STATS file into a model",
+        "Write the statistics of a STATS file into the BN mean/var of the model it was "
+        "collected on (a STATS file from another model, checkpoint or input size is refused).",
+        ["bnref-onnx apply model.onnx stats.npz -o fixed.onnx",
+         "bnref-onnx apply model.onnx stats.npz -o fixed.onnx --prior-strength 64"],
+    ),
+    "compare": (
+        "compare two models on data",
+        "Run both models over DATA in inference mode and compare every output: the largest "
+        "difference, and for classifier outputs (N, classes) the top-1 agreement and, with "
+        "--labels, each model's accuracy.",
+        ["bnref-onnx compare model.onnx fixed.onnx --data val.npz --labels val_labels.npy"],
+    ),
+}
 
-    p = sub.add_parser("inspect", parents=[common], help="list BN nodes and their statistics")
+
+def _subcommand(sub: argparse._SubParsersAction, name: str,
+                common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    help_text, description, examples = SUBCOMMANDS[name]
+    p = sub.add_parser(
+        name, parents=[common], help=help_text, description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+    )
+    p.set_defaults(subparser=p)  # so a misspelled option is reported with this usage
+    return p
+
+
+def _add_model_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = _subcommand(sub, "inspect", common)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = sub.add_parser("recalibrate", parents=[common], help="collect and apply in one go")
+    p = _subcommand(sub, "recalibrate", common)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--data", required=True, metavar="DATA",
                    help=".npy, .npz, image folder, module:function or file.py:function")
@@ -136,32 +183,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blend old and new statistics (Schneider et al. 2020)")
     p.add_argument("--report", metavar="REPORT.json", help="write the drift report as JSON")
 
-    p = sub.add_parser("collect", parents=[common], help="collect statistics into a STATS file")
+
+def _add_stats_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = _subcommand(sub, "collect", common)
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--data", required=True, metavar="DATA")
-    p.add_argument("--output", "-o", required=True, metavar="STATS")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help=".npy, .npz, image folder, module:function or file.py:function")
+    p.add_argument("--output", "-o", required=True, metavar="STATS", help="the STATS file to write")
     p.add_argument("--shard", type=_shard, metavar="I/K", help="take whole batches I, I+K, ...")
     _add_collection(p)
 
-    p = sub.add_parser("merge", parents=[common], help="merge STATS shards (any order)")
+    p = _subcommand(sub, "merge", common)
     p.add_argument("stats", nargs="+", metavar="STATS")
-    p.add_argument("--output", "-o", required=True, metavar="STATS")
+    p.add_argument("--output", "-o", required=True, metavar="STATS", help="the merged STATS file")
 
-    p = sub.add_parser("apply", parents=[common], help="write a STATS file into a model")
+    p = _subcommand(sub, "apply", common)
     p.add_argument("model", metavar="MODEL")
     p.add_argument("stats", metavar="STATS")
     _output_group(p, short=True)
-    p.add_argument("--prior-strength", type=_nonneg_float, metavar="N0")
-    p.add_argument("--report", metavar="REPORT.json")
+    p.add_argument("--prior-strength", type=_nonneg_float, metavar="N0",
+                   help="blend old and new statistics (Schneider et al. 2020)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the drift report as JSON")
 
-    p = sub.add_parser("compare", parents=[common], help="compare two models on data")
+
+def _add_compare(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = _subcommand(sub, "compare", common)
     p.add_argument("model_a", metavar="MODEL_A")
     p.add_argument("model_b", metavar="MODEL_B")
     p.add_argument("--data", required=True, metavar="DATA")
-    p.add_argument("--labels", metavar="LABELS.npy")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--num-samples", type=_positive_int, default=None)
+    p.add_argument("--labels", metavar="LABELS.npy", help="integer class labels, one per sample")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
+    p.add_argument("--num-samples", type=_positive_int, default=None,
+                   help="compare the first N samples (and labels)")
     p.add_argument("--provider", choices=list(PROVIDERS), default="auto")
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_images(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser (exposed for documentation and tests)."""
+    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bar, report table or notes")
+    parser = argparse.ArgumentParser(
+        prog=PROG, parents=[common], allow_abbrev=False,
+        description="Recalibrate the BatchNormalization statistics of an ONNX model with "
+        "Precise BatchNorm (training-mode batch statistics aggregated over calibration data).",
+        epilog="Run `bnref-onnx COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model_commands(sub, common)
+    _add_stats_commands(sub, common)
+    _add_compare(sub, common)
     return parser

@@ -69,6 +69,8 @@ class DataSource(abc.ABC):
         """
         resolved, notes = plan.resolve(self.specs)
         self._restart_summary(resolved.batch_size)
+        for note in self._open_notes:  # each note is logged once, when this run starts
+            logger.info("%s", note)
         for note in notes:
             self._note(note)
         self._summary.shuffle = bool(resolved.shuffle)

@@ -71,7 +71,7 @@ def select_batchnorms(
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
     except re.error as err:
-        raise ModelError(f"invalid --include/--exclude regular expression: {err}") from err
+        raise ModelError(f"invalid include/exclude regular expression: {err}") from err
 
     def hit(pattern: re.Pattern[str] | None, bn: BatchNormInfo) -> bool:
         return pattern is not None and bool(
@@ -119,7 +119,7 @@ def _runnable_selection(
     if not chosen:
         names = ", ".join(bn.label for bn in bns[:8])
         raise ModelError(
-            f"--include/--exclude select none of the {len(bns)} BatchNormalization "
+            f"the include/exclude patterns select none of the {len(bns)} BatchNormalization "
             f"nodes ({names}{' ...' if len(bns) > 8 else ''})"
         )
     return work, chosen

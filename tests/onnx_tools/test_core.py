@@ -7,6 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx import numpy_helper
 
 import bnref
 import onnx_tools as ot
@@ -67,7 +68,9 @@ def test_recalibrated_model_is_otherwise_unchanged(tmp_path, cnn_files):
     assert meta["bnref.num_samples"] == "32" and meta["bnref.batch_size"] == "16"
     assert meta["bnref.version"] == bnref.__version__
     assert len(meta["bnref.data_fingerprint"]) == 64
-    assert model_fingerprint(a) == model_fingerprint(b)
+    # Only the running statistics changed: the fingerprint without them is the same.
+    assert model_fingerprint(a, skip=changed) == model_fingerprint(b, skip=changed)
+    assert model_fingerprint(a) != model_fingerprint(b)
 
 
 def test_bessel_and_prior_strength(tmp_path, cnn_files):
@@ -172,11 +175,49 @@ def test_apply_refuses_stats_of_another_model(tmp_path, cnn_files):
     onnx.save(other, other_path)
     code, _, err = run_cli("apply", other_path, stats, "-o", tmp_path / "o.onnx")
     assert code == 1 and "another model" in err and not (tmp_path / "o.onnx").exists()
-    # a model with different weights but the same graph is the same model
-    same = cnn_model(seed=3)
-    same_path = tmp_path / "same.onnx"
-    onnx.save(same, same_path)
-    assert run_cli("apply", same_path, stats, "-o", tmp_path / "ok.onnx", "--quiet")[0] == 0
+    # Another checkpoint of the same graph: its weights shape every BN input, so the
+    # statistics are not its statistics (this was accepted once: a silent wrong answer).
+    checkpoint = cnn_model(seed=3)
+    checkpoint_path = tmp_path / "checkpoint.onnx"
+    onnx.save(checkpoint, checkpoint_path)
+    code, _, err = run_cli("apply", checkpoint_path, stats, "-o", tmp_path / "c.onnx")
+    assert code == 1 and "another model" in err and not (tmp_path / "c.onnx").exists()
+    # One weight nudged by one ulp is another model too.
+    nudged = cnn_model()
+    w = numpy_helper.to_array(nudged.graph.initializer[0]).copy()
+    w.flat[0] = np.nextafter(w.flat[0], np.float32(np.inf))
+    nudged.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, nudged.graph.initializer[0].name))
+    onnx.save(nudged, tmp_path / "nudged.onnx")
+    assert run_cli("apply", tmp_path / "nudged.onnx", stats, "-o", tmp_path / "n.onnx")[0] == 1
+    # An export of the same weights with another static input size is another model.
+    resized = cnn_model()
+    resized.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 8
+    onnx.save(resized, tmp_path / "resized.onnx")
+    code, _, err = run_cli("apply", tmp_path / "resized.onnx", stats, "-o", tmp_path / "r.onnx")
+    assert code == 1 and "another model" in err
+    # The same model with other running statistics (e.g. recalibrated once) is the same model.
+    restat = cnn_model()
+    for t in restat.graph.initializer:
+        if t.name in ("m1", "v1", "m2", "v2", "m3", "v3"):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 0.5, t.name))
+    onnx.save(restat, tmp_path / "restat.onnx")
+    assert run_cli("apply", tmp_path / "restat.onnx", stats, "-o", tmp_path / "ok.onnx",
+                   "--quiet")[0] == 0
+
+
+def test_fingerprint_ignores_storage_only():
+    """Equal values stored as raw_data or typed fields hash alike; any value change shows."""
+    a = cnn_model()
+    b = cnn_model()
+    t = b.graph.initializer[0]
+    arr = numpy_helper.to_array(t)
+    t.ClearField("raw_data")
+    t.float_data.extend(arr.ravel().tolist())
+    assert not t.HasField("raw_data") and model_fingerprint(a) == model_fingerprint(b)
+    c = cnn_model()
+    c.graph.initializer[1].CopyFrom(numpy_helper.from_array(
+        numpy_helper.to_array(c.graph.initializer[1]) * 2, c.graph.initializer[1].name))
+    assert model_fingerprint(a) != model_fingerprint(c)
 
 
 def test_collect_estimator_choice_is_applied(tmp_path, cnn_files):

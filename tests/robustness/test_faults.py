@@ -190,7 +190,7 @@ def test_output_naming_the_input_is_refused(files, command):
         args = ["recalibrate", model, "--data", data, "--batch-size", "8"]
     before, digest = listing(folder), file_digest(model)
     rc, _, err = run_cli(*args, "-o", folder / "." / model.name)
-    assert_clean_failure(rc, err, 1, "is the input model; use --in-place", folder, before, model, digest)
+    assert_clean_failure(rc, err, 1, "is the input model; overwrite it only in place", folder, before, model, digest)
 
 
 def test_api_refuses_to_overwrite_input_without_in_place(files):
