@@ -30,32 +30,75 @@ shards), :mod:`~onnx_tools.apply` (writing statistics back), :mod:`~onnx_tools.r
 
 from __future__ import annotations
 
-from onnx_tools.analysis import ModelAnalysis, analyze_model
-from onnx_tools.apply import ApplyResult, apply_stats
-from onnx_tools.batchnorms import BatchNormInfo, find_batchnorms
-from onnx_tools.collect import collect
-from onnx_tools.compare import Comparison, compare_models
-from onnx_tools.errors import (
-    BnrefOnnxError,
-    DataError,
-    Interrupted,
-    ModelError,
-    OptionError,
-    OutputError,
-    ProviderError,
-    StatsError,
-)
-from onnx_tools.modelio import LoadedModel, load_model
-from onnx_tools.outputs import OutputPath, check_output, write_model
-from onnx_tools.pipeline import (
-    ModelDescription,
-    RecalibrationResult,
-    describe_model,
-    inspect_model,
-    recalibrate,
-)
-from onnx_tools.report import DriftReport
-from onnx_tools.stats import CollectedStats, load_stats, merge_stats, save_stats
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from onnx_tools.analysis import ModelAnalysis, analyze_model
+    from onnx_tools.apply import ApplyResult, apply_stats
+    from onnx_tools.batchnorms import BatchNormInfo, find_batchnorms
+    from onnx_tools.collect import collect
+    from onnx_tools.compare import Comparison, compare_models
+    from onnx_tools.errors import (
+        BnrefOnnxError,
+        DataError,
+        Interrupted,
+        ModelError,
+        OptionError,
+        OptionTypeError,
+        OutputError,
+        ProviderError,
+        StatsError,
+    )
+    from onnx_tools.modelio import LoadedModel, load_model
+    from onnx_tools.outputs import OutputPath, check_output, write_model
+    from onnx_tools.pipeline import (
+        ModelDescription,
+        RecalibrationResult,
+        describe_model,
+        inspect_model,
+        recalibrate,
+    )
+    from onnx_tools.report import DriftReport
+    from onnx_tools.stats import CollectedStats, load_stats, merge_stats, save_stats
+
+#: Public name -> the module defining it. Imported on first use (PEP 562), so
+#: ``import onnx_tools.cli`` starts without loading onnx, onnxruntime or the data layer.
+_EXPORTS = {
+    "ModelAnalysis": "onnx_tools.analysis",
+    "analyze_model": "onnx_tools.analysis",
+    "ApplyResult": "onnx_tools.apply",
+    "apply_stats": "onnx_tools.apply",
+    "BatchNormInfo": "onnx_tools.batchnorms",
+    "find_batchnorms": "onnx_tools.batchnorms",
+    "collect": "onnx_tools.collect",
+    "Comparison": "onnx_tools.compare",
+    "compare_models": "onnx_tools.compare",
+    "BnrefOnnxError": "onnx_tools.errors",
+    "DataError": "onnx_tools.errors",
+    "Interrupted": "onnx_tools.errors",
+    "ModelError": "onnx_tools.errors",
+    "OptionError": "onnx_tools.errors",
+    "OptionTypeError": "onnx_tools.errors",
+    "OutputError": "onnx_tools.errors",
+    "ProviderError": "onnx_tools.errors",
+    "StatsError": "onnx_tools.errors",
+    "LoadedModel": "onnx_tools.modelio",
+    "load_model": "onnx_tools.modelio",
+    "OutputPath": "onnx_tools.outputs",
+    "check_output": "onnx_tools.outputs",
+    "write_model": "onnx_tools.outputs",
+    "ModelDescription": "onnx_tools.pipeline",
+    "RecalibrationResult": "onnx_tools.pipeline",
+    "describe_model": "onnx_tools.pipeline",
+    "inspect_model": "onnx_tools.pipeline",
+    "recalibrate": "onnx_tools.pipeline",
+    "DriftReport": "onnx_tools.report",
+    "CollectedStats": "onnx_tools.stats",
+    "load_stats": "onnx_tools.stats",
+    "merge_stats": "onnx_tools.stats",
+    "save_stats": "onnx_tools.stats",
+}
 
 __all__ = [
     "ApplyResult",
@@ -71,6 +114,7 @@ __all__ = [
     "ModelDescription",
     "ModelError",
     "OptionError",
+    "OptionTypeError",
     "OutputError",
     "OutputPath",
     "ProviderError",
@@ -91,3 +135,18 @@ __all__ = [
     "save_stats",
     "write_model",
 ]
+
+
+
+def __getattr__(name: str):
+    """Import a public name's module on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'onnx_tools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

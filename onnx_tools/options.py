@@ -15,6 +15,9 @@ from collections.abc import Iterable
 import bnref
 from onnx_tools.errors import OptionError, OptionTypeError
 
+#: The ``provider`` values every function taking one accepts (see :mod:`onnx_tools.session`).
+PROVIDERS = ("auto", "cuda", "cpu")
+
 
 def check_estimator(estimator: str, bessel: bool | None = None) -> str:
     """Return ``estimator`` if it is one of :data:`bnref.ESTIMATORS` and fits ``bessel``.

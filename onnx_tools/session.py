@@ -8,11 +8,10 @@ import onnx
 
 from onnx_tools import modelio
 from onnx_tools.errors import ModelError, ProviderError, short_message
+from onnx_tools.options import PROVIDERS
 
 logger = logging.getLogger(__name__)
 
-#: The ``provider`` values every function taking one accepts.
-PROVIDERS = ("auto", "cuda", "cpu")
 
 
 def make_session(model: onnx.ModelProto, provider: str = "auto"):

@@ -10,7 +10,7 @@ import argparse
 import re
 
 import bnref
-from onnx_tools.session import PROVIDERS
+from onnx_tools.options import PROVIDERS
 
 PROG = "bnref-onnx"
 
@@ -26,6 +26,17 @@ def version() -> str:
     except ImportError:
         ort_version = "not installed"
     return f"{PROG} {bnref.__version__} (onnx {onnx.__version__}, onnxruntime {ort_version})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it imports onnx and onnxruntime)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the versions of bnref-onnx, onnx and onnxruntime and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: D102
+        parser.exit(message=version() + "\n")
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -232,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Precise BatchNorm (training-mode batch statistics aggregated over calibration data).",
         epilog="Run `bnref-onnx COMMAND --help` for a command's options and examples.",
     )
-    parser.add_argument("--version", action="version", version=version())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model_commands(sub, common)
     _add_stats_commands(sub, common)
