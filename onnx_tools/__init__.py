@@ -20,7 +20,7 @@ Where things live (the README's "Where each concept lives" table has the full ma
 :mod:`~onnx_tools.batchnorms` (finding BN) and :mod:`~onnx_tools.graph` (where tensors are
 stored), :mod:`~onnx_tools.analysis` (a model's BNs and fingerprint, worked out once),
 :mod:`~onnx_tools.rewrite` (the training-mode collection model),
-:mod:`~onnx_tools.session` (onnxruntime sessions), :mod:`~onnx_tools.collect` (running it and
+:mod:`~onnx_tools.session` (onnxruntime sessions), :mod:`~onnx_tools.collection` (running it and
 aggregating with ``bnref.PreciseBN``), :mod:`~onnx_tools.stats` (STATS files, merging
 shards), :mod:`~onnx_tools.apply` (writing statistics back), :mod:`~onnx_tools.report`
 (drift), :mod:`~onnx_tools.compare`, :mod:`~onnx_tools.data` (calibration data),
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from onnx_tools.analysis import ModelAnalysis, analyze_model
     from onnx_tools.apply import ApplyResult, apply_stats
     from onnx_tools.batchnorms import BatchNormInfo, find_batchnorms
-    from onnx_tools.collect import collect
+    from onnx_tools.collection import collect
     from onnx_tools.compare import Comparison, compare_models
     from onnx_tools.errors import (
         BnrefOnnxError,
@@ -71,7 +71,7 @@ _EXPORTS = {
     "apply_stats": "onnx_tools.apply",
     "BatchNormInfo": "onnx_tools.batchnorms",
     "find_batchnorms": "onnx_tools.batchnorms",
-    "collect": "onnx_tools.collect",
+    "collect": "onnx_tools.collection",
     "Comparison": "onnx_tools.compare",
     "compare_models": "onnx_tools.compare",
     "BnrefOnnxError": "onnx_tools.errors",

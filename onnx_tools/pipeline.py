@@ -17,7 +17,7 @@ import onnx
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
-from onnx_tools.collect import collect
+from onnx_tools.collection import collect
 from onnx_tools.errors import OutputError
 from onnx_tools.options import check_keywords, check_prior_strength
 from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
@@ -62,7 +62,7 @@ def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
     return describe_model(model).batchnorms
 
 
-#: What ``recalibrate(**collect_options)`` passes on to :func:`~onnx_tools.collect.collect`.
+#: What ``recalibrate(**collect_options)`` passes on to :func:`~onnx_tools.collection.collect`.
 _COLLECT_OPTIONS = tuple(
     name for name, p in inspect.signature(collect).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -90,7 +90,7 @@ def recalibrate(
 ) -> RecalibrationResult:
     """Collect Precise BatchNorm statistics over ``data`` and write them into ``model``.
 
-    ``collect_options`` are those of :func:`onnx_tools.collect.collect` (``batch_size=64``,
+    ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
     ``estimator="population"``, ``provider="auto"``, ...). With ``output`` (or ``in_place``
     for a model path) the new model is written atomically and checked; otherwise it is only
     returned. The input model is never modified unless ``in_place``.

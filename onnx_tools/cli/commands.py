@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from onnx_tools.apply import apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE
-from onnx_tools.collect import collect
+from onnx_tools.collection import collect
 from onnx_tools.compare import compare_models
 from onnx_tools.errors import OutputError
 from onnx_tools.outputs import (

@@ -36,7 +36,8 @@ class _VersionAction(argparse.Action):
                          help="show the versions of bnref-onnx, onnx and onnxruntime and exit")
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: D102
-        parser.exit(message=version() + "\n")
+        print(version())
+        parser.exit()
 
 
 def _shard(text: str) -> tuple[int, int]:

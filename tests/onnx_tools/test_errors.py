@@ -14,7 +14,7 @@ from onnx_tools import outputs
 from tests.onnx_tools.helpers import assert_clean_failure, cnn_data, file_digest, listing, run_cli
 
 # ``onnx_tools.collect`` the attribute is the function; the hooks live in the module.
-collect_mod = importlib.import_module("onnx_tools.collect")
+collect_mod = importlib.import_module("onnx_tools.collection")
 
 
 def _expect_error(tmp_path, model_path, args, needle, code=1):

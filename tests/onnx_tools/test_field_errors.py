@@ -29,7 +29,7 @@ from tests.onnx_tools.helpers import (
     run_cli,
 )
 
-collect_mod = importlib.import_module("onnx_tools.collect")
+collect_mod = importlib.import_module("onnx_tools.collection")
 
 
 # -- signals arriving inside onnxruntime or inside the user's reader -----------------------------

@@ -288,7 +288,7 @@ def test_batch_of_one_after_fully_connected_is_refused():
 def test_batch_of_one_image_is_allowed(caplog):
     """One image still has H*W values per channel: allowed (with the small-batch warning)."""
     x = np.random.default_rng(0).normal(size=(3, 2, 4, 4)).astype(np.float32)
-    with caplog.at_level("WARNING", logger="onnx_tools.collect"):
+    with caplog.at_level("WARNING", logger="onnx_tools.collection"):
         stats = ot.collect(bn_model(["N", 2, 4, 4]), x, batch_size=1, provider="cpu")
     assert "batch size 1 is far below" in caplog.text
     bn = next(iter(stats.bns.values())).precise
