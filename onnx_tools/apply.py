@@ -207,6 +207,8 @@ def _provenance(stats: CollectedStats, est: str, bes: bool,
         "batchnorms": len(stats.bns),
         "notes": stats.notes,
     }
+    if stats.run.get("skipped_images"):
+        meta["skipped_images"] = stats.run["skipped_images"]
     props = {
         f"{METADATA_PREFIX}version": bnref.__version__,
         f"{METADATA_PREFIX}estimator": est + (" (bessel)" if bes and est == "population" else ""),

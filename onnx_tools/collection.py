@@ -52,6 +52,25 @@ def _open_source(analysis: ModelAnalysis, data: Any,
     return open_data(data, InputSpec.from_model(analysis.model), image_options)
 
 
+def _min_batch_size(cm: CollectionModel, requested: int) -> int:
+    """2 when a selected BN sees one value per channel per sample ((N, C), (N, C, 1, 1)).
+
+    One sample gives such a BN no variance; knowing it up front lets the data layer refuse a
+    kept last batch of one sample before the first batch instead of after the last.
+    """
+    for bn in cm.bns:
+        dims = cm.input_types[bn.input][1]
+        if dims is not None and len(dims) >= 2 and all(d == 1 for d in dims[2:]):
+            if requested < 2:
+                raise DataError(
+                    f"batch size {requested}: BatchNormalization {bn.label!r} sees 1 value per "
+                    "channel per sample (a BN after a fully connected layer?), and a batch needs "
+                    "at least 2 values per channel for a variance: use a larger batch size"
+                )
+            return 2
+    return 1
+
+
 def _warn_small_batch(size: int, static: bool) -> None:
     if size < SMALL_BATCH:
         advice = (
@@ -196,11 +215,13 @@ def collect(
     analysis = analyze_model(model)
     cm = build_collection_model(analysis.model, include=include, exclude=exclude,
                                 base_dir=analysis.loaded.base_dir, bns=analysis.batchnorms)
-    session, used = make_session(cm.model, provider)
-    logger.info("collecting with onnxruntime on %s", used.upper())
     source = _open_source(analysis, data, image_options)
     plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
-                     keep_partial=keep_partial, shard=shard)
+                     keep_partial=keep_partial, shard=shard,
+                     min_batch_size=_min_batch_size(cm, batch_size))
+    source.check(plan)  # the data fits (first feed of a reader), before the session is built
+    session, used = make_session(cm.model, provider)
+    logger.info("collecting with onnxruntime on %s", used.upper())
     batches = source.batches(plan)
     _warn_small_batch(source.summary.batch_size, any(s.static_batch for s in source.specs))
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
@@ -214,5 +235,8 @@ def collect(
         "include": include,
         "exclude": exclude,
     }
+    if source.summary.num_skipped:  # skip_bad_images: which samples the run left out
+        run["skipped_images"] = {"count": source.summary.num_skipped,
+                                 "first": list(source.summary.skipped)}
     return _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns), estimator, bessel,
                       shard, run, used)

@@ -227,18 +227,32 @@ def attribute(node: onnx.NodeProto, name: str, default):
     return default
 
 
+def tensor_dims(vi: onnx.ValueInfoProto | None) -> list[int | str | None] | None:
+    """Declared dimensions of a tensor ValueInfo: the one rule for every reader of shapes.
+
+    A positive ``dim_value`` is static (``int``); anything else is symbolic: the
+    ``dim_param`` name (``str``) where there is one, else None (``dim_value <= 0``, as
+    paddle2onnx writes ``-1``, or nothing set). None as a whole when no shape is declared
+    (or ``vi`` is not a tensor).
+    """
+    if vi is None or not vi.type.HasField("tensor_type"):
+        return None
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+            else (d.dim_param or None) if d.HasField("dim_param") else None
+            for d in tt.shape.dim]
+
+
 def tensor_type_and_dims(vi: onnx.ValueInfoProto | None) -> tuple[int | None, list[int | None] | None]:
     """Element type (``TensorProto`` enum) and dimensions of a ValueInfo (None where unknown).
 
-    A dimension is None unless it has a positive ``dim_value``; the dimension list is None
-    when no shape is declared at all.
+    A dimension is None unless it has a positive ``dim_value`` (:func:`tensor_dims`); the
+    dimension list is None when no shape is declared at all.
     """
     if vi is None or not vi.type.HasField("tensor_type"):
         return None, None
-    tt = vi.type.tensor_type
-    elem = tt.elem_type or None
-    if not tt.HasField("shape"):
-        return elem, None
-    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-            for d in tt.shape.dim]
-    return elem, dims
+    elem = vi.type.tensor_type.elem_type or None
+    dims = tensor_dims(vi)
+    return elem, None if dims is None else [d if isinstance(d, int) else None for d in dims]

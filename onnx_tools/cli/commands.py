@@ -37,6 +37,10 @@ def _image_options(args: argparse.Namespace):
         "layout": args.image_layout,
     }
     given = {k: v for k, v in given.items() if v is not None}
+    if args.image_exif_transpose:
+        given["exif_transpose"] = True
+    if args.skip_bad_images:
+        given["skip_bad_images"] = True
     return ImageOptions(**given) if given else None
 
 

@@ -107,10 +107,18 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-resize", type=_positive_int,
                    help="shorter side before cropping (default crop/0.875)")
     g.add_argument("--image-mode", choices=["RGB", "L"], help="pillow mode (default from model)")
-    g.add_argument("--image-scale", type=float, help="pixel scale (default 1/255)")
+    g.add_argument("--image-scale", type=float,
+                   help="factor on 8-bit pixel values (default 1/255; 16-bit images are "
+                   "mapped to the 8-bit range first)")
     g.add_argument("--image-mean", type=_floats, help="per-channel mean (default ImageNet)")
     g.add_argument("--image-std", type=_floats, help="per-channel std (default ImageNet)")
     g.add_argument("--image-layout", choices=["NCHW", "NHWC"], help="default from the model")
+    g.add_argument("--image-exif-transpose", action="store_true",
+                   help="apply the EXIF orientation tag (default: images as stored, like "
+                   "pillow and torchvision)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out unreadable images (counted and named in the notes) "
+                   "instead of failing")
 
 
 def _output_group(p: argparse.ArgumentParser, *, short: bool) -> None:

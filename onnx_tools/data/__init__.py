@@ -10,20 +10,27 @@ batch size; :attr:`DataSource.summary` (a :class:`DataSummary`) says what was fe
         ...
     source.summary.fingerprint
 
+:meth:`DataSource.check` raises, before a session is built, what can be known without reading
+every batch (the plan against the model, ``BatchPlan(min_batch_size=...)`` against a kept
+final batch, a reader's first feed).
+
 Where each part lives (each module's docstring has the rules it implements):
 
 - :mod:`~onnx_tools.data.spec`: :class:`InputSpec` (one model input), dtype casts, the
   per-sample shape check, :func:`check_finite`.
 - :mod:`~onnx_tools.data.plan`: :class:`BatchPlan` and the batching rules (order, shuffle,
-  partial batch, shards, static batch dimension); :class:`DataSummary`.
+  partial batch, shards, static batch dimension, ``min_batch_size``); :class:`DataSummary`.
 - :mod:`~onnx_tools.data.fingerprint`: the data fingerprint, :func:`combine_fingerprints`.
 - :mod:`~onnx_tools.data.source`: :class:`DataSource`, the interface of all data.
 - :mod:`~onnx_tools.data.arrays`: ``.npy`` (memory-mapped, O(batch)), ``.npz`` (inputs loaded
   whole), arrays in memory.
 - :mod:`~onnx_tools.data.readers`: ``"module:function"`` / ``"file.py:function"`` readers and
   reader objects (iterables of feed dicts, ``get_next()``), re-batched, O(batch + one feed).
-- :mod:`~onnx_tools.data.images`: a folder of images (pillow), decoded per batch, O(batch);
-  :class:`ImageOptions`.
+- :mod:`~onnx_tools.data.images`: a folder of images (pillow), every file checked when
+  opened, decoded per batch, O(batch); :class:`ImageOptions`.
+- :mod:`~onnx_tools.data.listing`: which files of a folder are images (hidden ones skipped).
+- :mod:`~onnx_tools.data.pixels`: one image file to pixels: pillow modes, 16-bit, EXIF, the
+  open-time check.
 - :mod:`~onnx_tools.data.open`: :func:`open_data`, which picks one of the above.
 """
 

@@ -1,10 +1,26 @@
 """A folder of images as calibration data for a model with one image input (needs pillow).
 
-Images are found recursively (:func:`list_images`), ordered by relative POSIX path, and
-decoded per batch, so memory is O(batch). Each image goes through :func:`load_image` (mode,
-resize of the shorter side, center crop) and :func:`normalize` (scale, mean, std, layout,
-dtype); the options and their defaults are documented on :class:`ImageOptions`. Pillow is
-imported only when a folder is opened.
+Images are found recursively, hidden files and folders left out with a note
+(:func:`~onnx_tools.data.listing.list_images`), ordered by relative POSIX path, and decoded
+per batch, so memory is O(batch). Each image goes through
+:func:`~onnx_tools.data.pixels.load_image` (mode, bit depth, resize of the shorter side,
+center crop) and :func:`~onnx_tools.data.pixels.normalize` (scale, mean, std, layout, dtype);
+the options and their defaults are documented on :class:`ImageOptions`. Pillow is imported
+only when a folder is opened.
+
+Every file is checked when the folder is opened (:func:`~onnx_tools.data.pixels.probe_image`:
+header, PNG CRCs, JPEG end marker; about 0.05 ms per small file), so a truncated or garbage
+file, or one whose pixels have no known range (32-bit integer or float), fails before any
+batch runs, naming the files; with ``skip_bad_images`` they are left out instead, counted and
+named in :attr:`~onnx_tools.data.DataSummary.skipped`. Bit depths and pillow modes: see
+:mod:`onnx_tools.data.pixels` (16-bit images are scaled by 65535, not clipped; alpha is
+dropped; notes say how many images were concerned).
+
+EXIF orientation is *not* applied by default: pillow does not apply it when it opens a file,
+and neither do torchvision's ``ImageFolder``/``pil_loader`` nor most training pipelines, so
+the model was most likely trained on images as stored; a note counts the images whose
+orientation tag is left unapplied. ``ImageOptions(exif_transpose=True)`` applies it
+(``PIL.ImageOps.exif_transpose``) before anything else.
 """
 
 from __future__ import annotations
@@ -15,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_tools.data.listing import list_images
+from onnx_tools.data.pixels import BadImage, ImageFacts, load_image, normalize, probe_image
 from onnx_tools.data.plan import BatchPlan
 from onnx_tools.data.source import IndexedSource
 from onnx_tools.data.spec import Dim, Feed, InputSpec, check_sample_shape
@@ -28,6 +46,10 @@ GRAY_STD = (0.226,)
 # The standard ImageNet evaluation resizes to 256 and crops 224: crop = 0.875 * resize.
 CROP_FRACTION = 0.875
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: The crop when neither the options nor the model's input give a size.
+DEFAULT_SIZE = 224
+#: How many bad files an error or a note names (all are counted).
+NAMED = 5
 
 
 @dataclass(frozen=True)
@@ -48,6 +70,8 @@ class ImageOptions:
         mode: pillow mode, ``"RGB"`` or ``"L"``. ``None`` (default): ``"L"`` when the model's
             channel dimension is 1, else ``"RGB"``.
         scale: factor applied to the 0..255 pixel values (default ``1/255``, giving [0, 1]).
+            16-bit images are first mapped to that range (``value * 255 / 65535``), so the
+            same scale gives them the same [0, 1].
         mean, std: per-channel constants, one per channel or one for all. ``None`` (default):
             ImageNet's ``(0.485, 0.456, 0.406)`` and ``(0.229, 0.224, 0.225)`` for RGB, their
             averages ``(0.449,)`` and ``(0.226,)`` for ``"L"``.
@@ -55,7 +79,12 @@ class ImageOptions:
             dimension is the channel count (1 or 3) and dimension 1 is not, else ``"NCHW"``.
         extensions: file suffixes taken (case-insensitive); other files are ignored.
         recursive: also take images from subfolders (default ``True``). Order is the sorted
-            relative POSIX path: ``cat/1.png < cat/10.png < cat/2.png < dog/1.png``.
+            relative POSIX path: ``cat/1.png < cat/10.png < cat/2.png < dog/1.png``. Hidden
+            files and folders (``.name``, ``._name``) are always skipped, with a note.
+        exif_transpose: apply the EXIF orientation tag before anything else (default
+            ``False``: images are read as stored, as pillow and torchvision do).
+        skip_bad_images: leave out the files that fail the open-time check, counting them in
+            the summary (default ``False``: such a file is an error when the folder is opened).
     """
 
     crop: int | tuple[int, int] | None = None
@@ -67,69 +96,8 @@ class ImageOptions:
     layout: str | None = None
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
     recursive: bool = True
-
-
-def list_images(folder: Path, extensions: Sequence[str], recursive: bool = True) -> list[Path]:
-    """Image files under ``folder`` with one of ``extensions``, sorted by relative POSIX path."""
-    suffixes = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = [p for p in candidates if p.suffix.lower() in suffixes and p.is_file()]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def load_image(path: Path, size: tuple[int, int], resize: int, mode: str) -> np.ndarray:
-    """Decode ``path`` into a ``uint8`` array of shape ``(height, width, channels)``.
-
-    The image is converted to ``mode``, resized with pillow's antialiased bilinear filter so
-    that its shorter side is ``resize`` (the longer one ``int(resize * long / short)``), then
-    center-cropped to ``size = (height, width)`` with offsets ``round((side - crop) / 2)``, as
-    torchvision's ``Resize(resize)`` + ``CenterCrop(size)`` do.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            width, height = image.size
-            if width <= height:
-                new_w, new_h = resize, int(resize * height / width)
-            else:
-                new_w, new_h = int(resize * width / height), resize
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
-            crop_h, crop_w = size
-            top = int(round((new_h - crop_h) / 2.0))
-            left = int(round((new_w - crop_w) / 2.0))
-            image = image.crop((left, top, left + crop_w, top + crop_h))
-            pixels = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
-    return pixels[:, :, np.newaxis] if pixels.ndim == 2 else pixels
-
-
-def normalize(
-    pixels: np.ndarray,
-    scale: float,
-    mean: Sequence[float],
-    std: Sequence[float],
-    layout: str,
-    dtype: np.dtype,
-) -> np.ndarray:
-    """``(pixels * scale - mean) / std`` per channel for a ``(N, H, W, C)`` uint8 batch.
-
-    Computed in float32 (float64 for a float64 input), then transposed to ``layout`` and cast
-    to ``dtype``. A ``uint8`` ``dtype`` means the model takes raw pixels: only the layout
-    changes.
-    """
-    if np.dtype(dtype) == np.uint8:
-        out = pixels
-    else:
-        work = np.float64 if np.dtype(dtype) == np.float64 else np.float32
-        out = pixels.astype(work) * work(scale)
-        out -= np.asarray(mean, dtype=work)
-        out /= np.asarray(std, dtype=work)
-    if layout == "NCHW":
-        out = out.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(out, dtype=dtype)
+    exif_transpose: bool = False
+    skip_bad_images: bool = False
 
 
 def infer_layout(dims: Sequence[Dim]) -> str:
@@ -162,8 +130,76 @@ class ImageFolderSource(IndexedSource):
         self._choose_normalization(options, channels)
         sample = (channels, *self.size) if self.layout == "NCHW" else (*self.size, channels)
         check_sample_shape(spec, sample, ("N", *sample))
-        self.files = list_images(folder, options.extensions, options.recursive)
+        self.exif_transpose = bool(options.exif_transpose)
+        listing = list_images(folder, options.extensions, options.recursive)
+        hidden = listing.hidden_note()
+        if hidden:
+            self._open_notes.append(hidden)
+        self.files = self._check_files(folder, listing.files, options.skip_bad_images)
         self._restart_summary()
+
+    def _check_files(self, folder: Path, files: list[Path], skip: bool) -> list[Path]:
+        """Probe every file (fail fast, or skip the bad ones); note what the others hold."""
+        good: list[Path] = []
+        facts: list[ImageFacts] = []
+        bad: list[str] = []
+        for path in files:
+            try:
+                facts.append(probe_image(path))
+            except BadImage as exc:
+                bad.append(f"{path.relative_to(folder).as_posix()}: {exc}")
+                continue
+            good.append(path)
+        if bad and not skip:
+            named = "; ".join(bad[:NAMED]) + ("; ..." if len(bad) > NAMED else "")
+            raise DataError(
+                f"{len(bad)} image file(s) under {self.description} cannot be used: {named} "
+                "(remove them, or leave them out with skip_bad_images=True)"
+            )
+        if bad:
+            self._skipped = bad
+            names = ", ".join(b.split(": ", 1)[0] for b in bad[:NAMED])
+            more = ", ..." if len(bad) > NAMED else ""
+            self._open_notes.append(
+                f"skipped {len(bad)} unreadable image(s) (skip_bad_images): {names}{more}"
+            )
+        self._open_notes.extend(self._facts_notes(facts))
+        return good
+
+    def _facts_notes(self, facts: list[ImageFacts]) -> list[str]:
+        """Notes on the images that needed more than a plain 8-bit conversion."""
+        count = {
+            key: sum(getattr(f, key) for f in facts)
+            for key in ("alpha", "cmyk", "colour16", "oriented")
+        }
+        deep = sum(f.depth == 16 for f in facts)
+        notes = []
+        if deep:
+            notes.append(
+                f"{deep} 16-bit image(s): values are mapped to the 8-bit range (x 255/65535) "
+                "before scale, mean and std, so they land where 8-bit images do"
+            )
+        if count["colour16"]:
+            notes.append(
+                f"{count['colour16']} 16-bit colour PNG(s): pillow reads them with 8 bits per "
+                "channel (the high byte)"
+            )
+        if count["alpha"]:
+            notes.append(
+                f"{count['alpha']} image(s) with an alpha channel: alpha dropped, colour kept "
+                "(not composited), as torchvision's loader does"
+            )
+        if count["cmyk"]:
+            notes.append(f"{count['cmyk']} CMYK image(s): converted to RGB by pillow's formula "
+                         "(no colour profile)")
+        if count["oriented"]:
+            notes.append(
+                f"{count['oriented']} image(s) with an EXIF orientation tag: "
+                + ("applied (exif_transpose)" if self.exif_transpose else
+                   "not applied, read as stored (exif_transpose=False, as pillow and "
+                   "torchvision do)")
+            )
+        return notes
 
     def _image_input(self, specs: Sequence[InputSpec]) -> InputSpec:
         """Check pillow and the model's input (one 4-D float or uint8 input); return it."""
@@ -200,7 +236,11 @@ class ImageFolderSource(IndexedSource):
                 f"image size {h_dim}x{w_dim} taken from input {self.spec.name!r}'s shape"
             )
         else:
-            self.size = (224, 224)
+            self.size = (DEFAULT_SIZE, DEFAULT_SIZE)
+            self._open_notes.append(
+                f"image size {DEFAULT_SIZE}x{DEFAULT_SIZE} (the model's input has dynamic "
+                "height/width; set the crop image option)"
+            )
         if len(self.size) != 2 or min(self.size) < 1:
             raise DataError(f"image crop must be positive (height, width), got {options.crop!r}")
         self.resize = options.resize or int(round(max(self.size) / CROP_FRACTION))
@@ -230,15 +270,18 @@ class ImageFolderSource(IndexedSource):
     def _length(self) -> int:
         return len(self.files)
 
-    def _empty_message(self, plan: BatchPlan) -> str:
+    def _empty_message(self, plan: BatchPlan, dropped: int) -> str:
         if not self.files:
-            return f"no images (.jpg, .png, ...) found under {self.description}"
-        return super()._empty_message(plan)
+            skipped = f" ({len(self._skipped)} skipped as unreadable)" if self._skipped else ""
+            return f"no images (.jpg, .png, ...) found under {self.description}{skipped}"
+        return super()._empty_message(plan, dropped)
 
     def _load(self, indices: np.ndarray | slice) -> Feed:
         chosen = (
             self.files[indices] if isinstance(indices, slice) else [self.files[i] for i in indices]
         )
-        pixels = np.stack([load_image(p, self.size, self.resize, self.mode) for p in chosen])
+        pixels = np.stack([
+            load_image(p, self.size, self.resize, self.mode, self.exif_transpose) for p in chosen
+        ])
         batch = normalize(pixels, self.scale, self.mean, self.std, self.layout, self.spec.dtype)
         return {self.spec.name: batch}

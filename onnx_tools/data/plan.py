@@ -10,6 +10,13 @@ order. A final batch smaller than ``B`` is dropped and counted in ``summary.drop
 sequence, so the shards partition the unsharded run. A static batch dimension in the model's
 input fixes ``B`` (a note says so when it overrides the requested size), and then a partial
 batch cannot be fed: ``keep_partial`` is ignored (with a note).
+
+``min_batch_size`` is the smallest batch the model can take (the caller knows why: one sample
+into a BN after a fully connected layer gives it one value per channel, no variance). A batch
+size below it is refused when the plan is resolved, and a kept final batch below it is refused
+before the first batch is read when the number of samples is known (arrays, images;
+:meth:`BatchPlan.check_partial`), else when the stream reaches it (readers); only in the shard
+that owns that batch.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ import numpy as np
 from onnx_tools.data.fingerprint import EMPTY_FINGERPRINT
 from onnx_tools.data.spec import InputSpec
 from onnx_tools.errors import DataError
+
+#: How many skipped files a summary names (all are counted).
+MAX_LISTED = 10
 
 
 def _is_int(value: object) -> bool:
@@ -39,6 +49,8 @@ class BatchPlan:
         seed: seed of that order.
         keep_partial: yield a final batch smaller than ``batch_size`` instead of dropping it.
         shard: ``(I, K)``: only the whole batches ``I, I+K, I+2K, ...``; ``None``: all.
+        min_batch_size: the fewest samples a batch of the model may hold (default 1); see
+            the module docstring.
 
     The fields are checked when the plan is made; a bad one raises :class:`DataError`.
     """
@@ -49,6 +61,7 @@ class BatchPlan:
     seed: int = 0
     keep_partial: bool = False
     shard: tuple[int, int] | None = None
+    min_batch_size: int = 1
 
     def __post_init__(self) -> None:
         if not _is_int(self.batch_size):
@@ -67,6 +80,11 @@ class BatchPlan:
             if not (0 <= shard_i < shard_k):
                 raise DataError(f"shard must be I/K with 0 <= I < K, got {shard_i}/{shard_k}")
             object.__setattr__(self, "shard", (shard_i, shard_k))
+        if not _is_int(self.min_batch_size) or self.min_batch_size < 1:
+            raise DataError(
+                f"min_batch_size must be a positive integer, got {self.min_batch_size!r}"
+            )
+        object.__setattr__(self, "min_batch_size", int(self.min_batch_size))
 
     @property
     def sharding(self) -> tuple[int, int]:
@@ -85,11 +103,17 @@ class BatchPlan:
         returned plan always has ``shard`` set.
         """
         size, size_note = effective_batch_size(specs, self.batch_size)
+        if size < self.min_batch_size:
+            fixed = " (fixed by the model's static batch dimension)" if size_note else ""
+            raise DataError(
+                f"batch size {size}{fixed} is too small for this model: a batch needs at "
+                f"least {self.min_batch_size} samples (min_batch_size)"
+            )
         notes = [size_note] if size_note else []
         keep_partial = self.keep_partial
         if keep_partial and any(s.static_batch for s in specs):
             keep_partial = False  # a partial batch cannot be fed to a static batch dimension
-            notes.append("keep-partial ignored: the model's batch dimension is static")
+            notes.append("keep_partial ignored: the model's batch dimension is static")
         return replace(self, batch_size=size, keep_partial=keep_partial, shard=self.sharding), notes
 
     def split(self, total: int) -> tuple[int, int, int]:
@@ -104,6 +128,26 @@ class BatchPlan:
         count = full + (1 if rest and self.keep_partial else 0)
         first, step = self.sharding
         return len(range(first, count, step))
+
+    def check_partial(self, total: int) -> None:
+        """Refuse, before any batch is read, a kept final batch below ``min_batch_size``.
+
+        For a resolved plan over ``total`` samples; only the shard that owns that batch
+        refuses it.
+        """
+        n, full, rest = self.split(total)
+        if self.keep_partial and 0 < rest < self.min_batch_size and self.owns(full):
+            raise partial_batch_error(self, rest, f"{n} samples in batches of {self.batch_size}")
+
+
+def partial_batch_error(plan: BatchPlan, rest: int, why: str) -> DataError:
+    """The error for a kept final batch of ``rest`` samples, below ``plan.min_batch_size``."""
+    return DataError(
+        f"keep_partial: the last batch would hold {rest} sample(s) ({why}), fewer than the "
+        f"{plan.min_batch_size} a batch of this model needs (min_batch_size); drop "
+        "keep_partial to leave them out, or choose a batch size that leaves a larger "
+        "remainder"
+    )
 
 
 def effective_batch_size(specs: Sequence[InputSpec], requested: int) -> tuple[int, str | None]:
@@ -138,6 +182,9 @@ class DataSummary:
             that batch, so shards sum to the unsharded count.
         fingerprint: of the batches yielded (see :mod:`onnx_tools.data.fingerprint`).
         notes: casts, overrides, keys ignored, ...
+        num_skipped: files left out when the data was opened (unreadable images with
+            ``ImageOptions(skip_bad_images=True)``); hidden files are only noted.
+        skipped: the first :data:`MAX_LISTED` of those, ``"relative/path: reason"``.
         shuffle, seed, shard: the settings of the iteration (``shard`` ``(0, 1)`` if unsharded).
     """
 
@@ -151,7 +198,9 @@ class DataSummary:
     shuffle: bool = False
     seed: int = 0
     shard: tuple[int, int] = (0, 1)
+    num_skipped: int = 0
+    skipped: list[str] = field(default_factory=list)
 
     def copy(self) -> DataSummary:
         """Return a copy that shares nothing mutable with this one."""
-        return replace(self, notes=list(self.notes))
+        return replace(self, notes=list(self.notes), skipped=list(self.skipped))

@@ -6,13 +6,16 @@ itself: an iterable of feed dicts, or an object with ``get_next() -> dict | None
 onnxruntime's ``CalibrationDataReader``. Feeds of any batch size (or with no batch dimension
 at all) are re-batched (:func:`take_rows`); memory is O(batch + one feed). A reader is a stream:
 it cannot be shuffled, its length is unknown before reading, and sharding still reads the
-whole stream.
+whole stream. :meth:`~onnx_tools.data.DataSource.check` reads the first feed only, and keeps
+it for the next iteration, so a one-shot reader loses nothing; a kept final batch below
+``min_batch_size`` is refused when the stream reaches it.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import os
 import re
 import sys
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from onnx_tools.data.plan import BatchPlan
+from onnx_tools.data.plan import BatchPlan, partial_batch_error
 from onnx_tools.data.source import DataSource
 from onnx_tools.data.spec import Feed, InputSpec, cast_rule, check_sample_shape
 from onnx_tools.errors import DataError
@@ -58,6 +61,7 @@ class ReaderSource(DataSource):
         self._reusable = reusable
         self._rewind = rewind
         self._started = False
+        self._peeked: Iterator[Any] | None = None  # a stream whose first feed check() read
 
     @property
     def num_samples(self) -> None:
@@ -65,6 +69,9 @@ class ReaderSource(DataSource):
         return None
 
     def _open(self) -> Iterator[Any]:
+        if self._peeked is not None:
+            stream, self._peeked = self._peeked, None
+            return stream
         if self._started and not self._reusable:
             if self._rewind is None:
                 raise DataError(
@@ -115,12 +122,31 @@ class ReaderSource(DataSource):
             raise DataError(f"{where}: inputs have different batch sizes {sizes}")
         return feed, next(iter(sizes.values()))
 
-    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+    def _check_data(self, plan: BatchPlan) -> None:
+        """Read and check the first feed; keep it (and the stream) for the next iteration."""
+        self._refuse_shuffle(plan)
+        stream = self._open()
+        try:
+            first = next(stream)
+        except StopIteration:
+            raise DataError(f"no samples in {self.description}") from None
+        except Exception as exc:
+            raise DataError(
+                f"data reader raised at batch 0: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._convert(first, 0, 0)
+        self._peeked = itertools.chain([first], stream)
+
+    @staticmethod
+    def _refuse_shuffle(plan: BatchPlan) -> None:
         if plan.shuffle:
             raise DataError(
                 "shuffle needs data that can be read by index (.npy, .npz, images); "
                 "a reader is a stream: shuffle inside the reader instead"
             )
+
+    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        self._refuse_shuffle(plan)
         stream = self._open()
         budget = plan.num_samples
         pending: list[Feed] = []
@@ -155,6 +181,8 @@ class ReaderSource(DataSource):
                 # readers may refill the same buffer for every item
                 pending[-1] = {k: v.copy() for k, v in pending[-1].items()}
         if pending_rows and plan.owns(index):
+            if plan.keep_partial and pending_rows < plan.min_batch_size:
+                raise partial_batch_error(plan, pending_rows, "the reader's stream ended there")
             if plan.keep_partial:
                 yield index, take_rows(pending, pending_rows, pending_rows)[0]
             else:

@@ -5,6 +5,10 @@ A source is iterated with :meth:`DataSource.batches`, which takes a
 dict from model input name to an array whose leading (batch) dimension is the batch size.
 Every batch is checked for NaN/Inf (:func:`~onnx_tools.data.spec.check_finite`) and added to
 the fingerprint (:mod:`onnx_tools.data.fingerprint`) here, once, for every kind of data.
+:meth:`DataSource.check` decides what can be decided without reading every batch (the plan
+against the model, an empty shard, a kept final batch too small, a reader's first feed), so a
+caller can call it before building a session. Each note is logged once per source, however
+often it is iterated.
 :class:`IndexedSource` is the base of the data that can be read by index (arrays, images).
 """
 
@@ -17,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from onnx_tools.data.fingerprint import batch_digest, format_fingerprint
-from onnx_tools.data.plan import BatchPlan, DataSummary
+from onnx_tools.data.plan import MAX_LISTED, BatchPlan, DataSummary
 from onnx_tools.data.spec import Feed, InputSpec, check_finite
 from onnx_tools.errors import DataError
 
@@ -35,6 +39,8 @@ class DataSource(abc.ABC):
         self.specs = list(specs)
         self.description = description
         self._open_notes: list[str] = []
+        self._skipped: list[str] = []  # files left out when opening, "path: reason"
+        self._logged: set[str] = set()
         self._restart_summary()
 
     @property
@@ -49,13 +55,21 @@ class DataSource(abc.ABC):
 
     def _restart_summary(self, batch_size: int = 0) -> None:
         """Start a new summary holding the notes of opening (call again after adding some)."""
-        self._summary = DataSummary(self.description, batch_size, notes=list(self._open_notes))
+        self._summary = DataSummary(
+            self.description, batch_size, notes=list(self._open_notes),
+            num_skipped=len(self._skipped), skipped=self._skipped[:MAX_LISTED],
+        )
+
+    def _log_once(self, text: str) -> None:
+        if text not in self._logged:
+            self._logged.add(text)
+            logger.info("%s", text)
 
     def _note(self, text: str) -> None:
         notes = self._summary.notes
         if text not in notes:
             notes.append(text)
-            logger.info("%s", text)
+        self._log_once(text)
 
     def batches(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
         """Yield ``(index, feed)`` for the batches of ``plan`` (see :mod:`onnx_tools.data.plan`).
@@ -64,13 +78,15 @@ class DataSource(abc.ABC):
         fingerprint in :attr:`summary` is the XOR of the SHA-256 of every yielded batch (see
         :mod:`onnx_tools.data.fingerprint`), so the fingerprints of the shards of a run
         combine with :func:`~onnx_tools.data.combine_fingerprints` into the unsharded one.
-        The plan is resolved against the model (static batch dimension) at once, so
-        :attr:`summary` holds the batch size used before the first batch is read.
+        The plan is resolved against the model (static batch dimension, ``min_batch_size``)
+        and a kept final batch checked at once, so problems are raised and :attr:`summary`
+        holds the batch size used before the first batch is read.
         """
         resolved, notes = plan.resolve(self.specs)
+        self._check_plan(resolved)
         self._restart_summary(resolved.batch_size)
-        for note in self._open_notes:  # each note is logged once, when this run starts
-            logger.info("%s", note)
+        for note in self._open_notes:  # each note is logged once, when the first run starts
+            self._log_once(note)
         for note in notes:
             self._note(note)
         self._summary.shuffle = bool(resolved.shuffle)
@@ -89,6 +105,35 @@ class DataSource(abc.ABC):
         resolved, _ = plan.resolve(self.specs)
         return resolved.count(total)
 
+    def check(self, plan: BatchPlan) -> BatchPlan:
+        """Check that the data can feed the model under ``plan`` without reading every batch.
+
+        Raises the :class:`DataError` that :meth:`batches` would raise for the plan (batch
+        size, ``min_batch_size``, a kept final batch too small, an empty shard or no data
+        when the number of samples is known) and, for a reader, reads its first feed and
+        checks its keys, shapes and dtypes (the feed is kept for the next iteration). Arrays
+        and images check shapes and dtypes when opened. Returns the plan as it will run.
+        """
+        resolved, _ = plan.resolve(self.specs)
+        self._check_plan(resolved)
+        total = self.num_samples
+        if total is not None and resolved.count(total) == 0:
+            _, full, rest = resolved.split(total)
+            dropped = rest if rest and not resolved.keep_partial and resolved.owns(full) else 0
+            raise DataError(self._empty_message(resolved, dropped))
+        self._check_data(resolved)
+        return resolved
+
+    def _check_plan(self, plan: BatchPlan) -> None:
+        """Refuse what the resolved ``plan`` cannot do with this data, before any reading."""
+        total = self.num_samples
+        if total is not None:
+            plan.check_partial(total)
+
+    def _check_data(self, plan: BatchPlan) -> None:
+        """Check the data against the model beyond what opening did (readers: first feed)."""
+        del plan  # arrays and images check shapes and dtypes when they are opened
+
     def _run(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
         acc = 0
         for index, feed in self._generate(plan):
@@ -100,20 +145,19 @@ class DataSource(abc.ABC):
             summary.fingerprint = format_fingerprint(acc)
             yield index, feed
         if self._summary.num_batches == 0:
-            raise DataError(self._empty_message(plan))
+            raise DataError(self._empty_message(plan, self._summary.dropped))
 
-    def _empty_message(self, plan: BatchPlan) -> str:
+    def _empty_message(self, plan: BatchPlan, dropped: int) -> str:
         first, step = plan.sharding
         if step > 1:
             return (
                 f"no samples: shard {first}/{step} gets no batch of size {plan.batch_size} "
                 "(use fewer shards or a smaller batch size)"
             )
-        dropped = self._summary.dropped
         if dropped:
             return (
                 f"no samples: the only batch had {dropped} sample(s), fewer than the batch "
-                f"size {plan.batch_size} (use a smaller batch size or keep-partial)"
+                f"size {plan.batch_size} (use a smaller batch size or keep_partial)"
             )
         return f"no samples in {self.description}"
 

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from onnx_tools.errors import DataError, ModelError
+from onnx_tools.graph import tensor_dims
 
 #: One declared dimension: static (``int``), named (``str``, a ``dim_param``) or unnamed.
 Dim = int | str | None
@@ -35,8 +36,9 @@ Feed = dict[str, np.ndarray]
 class InputSpec:
     """One graph input of the model: its name, element dtype and declared shape.
 
-    ``shape`` holds an ``int`` for a static dimension and a ``str`` (``dim_param``) or ``None``
-    for a symbolic one; it is ``None`` as a whole when the model declares no rank. Dimension 0
+    ``shape`` holds an ``int`` for a static dimension (a positive ``dim_value``) and a ``str``
+    (``dim_param``) or ``None`` for a symbolic one (a ``dim_value <= 0``, as paddle2onnx writes
+    ``-1``, is symbolic, as in onnxruntime; :func:`onnx_tools.graph.tensor_dims`); it is ``None`` as a whole when the model declares no rank. Dimension 0
     is the batch dimension.
     """
 
@@ -85,15 +87,8 @@ class InputSpec:
                 f"graph input {value.name!r} has element type {tensor.elem_type}, "
                 "which has no NumPy dtype"
             ) from exc
-        shape: tuple[Dim, ...] | None = None
-        if tensor.HasField("shape"):
-            shape = tuple(
-                d.dim_value
-                if d.HasField("dim_value")
-                else (d.dim_param if d.HasField("dim_param") else None)
-                for d in tensor.shape.dim
-            )
-        return cls(value.name, dtype, shape)
+        dims = tensor_dims(value)  # a dim_value <= 0 (paddle2onnx's -1) is symbolic
+        return cls(value.name, dtype, None if dims is None else tuple(dims))
 
 
 def format_shape(shape: Sequence[int | str]) -> str:

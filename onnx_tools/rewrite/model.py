@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -47,12 +47,14 @@ class CollectionModel:
     """The rewritten model and an explicit map from each BN to the outputs added for it.
 
     ``outputs`` maps BN key (output tensor name) to its :class:`StatOutputs`, so results are
-    never paired by parsing names.
+    never paired by parsing names; ``input_types`` the element type and dimensions of each
+    selected BN's input, by input name, as the rewrite planned them.
     """
 
     model: onnx.ModelProto
     bns: list[BatchNormInfo]
     outputs: dict[str, StatOutputs]
+    input_types: dict[str, TypeAndDims] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:
@@ -245,4 +247,4 @@ def build_collection_model(
         new_nodes[bn.index] = em.nodes
         outputs[bn.key], ctypes[bn.key] = stat, ctype
     _assemble(out, new_nodes, inits, outputs, ctypes)
-    return CollectionModel(out, chosen, outputs)
+    return CollectionModel(out, chosen, outputs, info)

@@ -25,7 +25,7 @@ def test_empty_array_has_no_samples(tmp_path):
 
 def test_data_smaller_than_one_batch_says_keep_partial():
     source = open_data(rows(3), one_input())
-    with pytest.raises(DataError, match="keep-partial"):
+    with pytest.raises(DataError, match="keep_partial"):
         collect(source, batch_size=4)
     assert len(collect(source, batch_size=4, keep_partial=True)) == 1
 
@@ -197,7 +197,7 @@ def test_static_batch_dimension_overrides_the_batch_size_with_a_note():
     s = source.summary
     assert s.batch_size == 8 and s.dropped == 4
     assert any("static batch dimension" in n and "64" in n for n in s.notes)
-    assert any("keep-partial ignored" in n for n in s.notes)
+    assert any("keep_partial ignored" in n for n in s.notes)
 
 
 def test_static_batch_dimension_rebatches_a_reader():
@@ -244,7 +244,7 @@ def test_batch_plan_resolves_against_a_static_batch_dimension():
     assert (resolved.batch_size, resolved.keep_partial, resolved.shard) == (8, False, (0, 1))
     assert notes == [
         "batch size 8 (the model's input has a static batch dimension), not the requested 64",
-        "keep-partial ignored: the model's batch dimension is static",
+        "keep_partial ignored: the model's batch dimension is static",
     ]
     assert BatchPlan(8).resolve(one_input("8, 3")) == (BatchPlan(8, shard=(0, 1)), [])
     resolved, _ = BatchPlan(10, num_samples=25, keep_partial=True).resolve(one_input("N, 3"))

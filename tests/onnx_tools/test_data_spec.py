@@ -109,3 +109,47 @@ def test_check_finite_names_batch_and_input():
     with pytest.raises(DataError, match=r"batch 7: input 'b' contains 2 NaN/Inf.*sample 2"):
         check_finite(feed, 7)
     check_finite({"i": np.array([[1, 2]], np.int64)}, 0)
+
+
+# --------------------------------------------------------------------------- dim_value <= 0
+
+
+def _paddle_style(model: onnx.ModelProto, dims: list[int]) -> onnx.ModelProto:
+    """``model`` with its input's dims written as ``dim_value`` (paddle2onnx writes -1)."""
+    shape = model.graph.input[0].type.tensor_type.shape
+    for d, value in zip(shape.dim, dims, strict=True):
+        d.Clear()
+        d.dim_value = value
+    return model
+
+
+def test_non_positive_dim_values_are_symbolic_and_run_end_to_end():
+    import onnx_tools as ot
+    from tests.onnx_tools.helpers import assert_stats_close, cnn_data, cnn_model, reference_collect
+
+    # 0 is symbolic here too (one rule), but onnxruntime reads dim_value 0 literally
+    # ("Expected: 0"), so only the parse is checked for it; -1 runs end to end
+    (spec,) = InputSpec.from_model(_paddle_style(cnn_model(), [0, 3, 0, -1]))
+    assert spec.shape == (None, 3, None, None) and spec.static_batch is None
+    model = _paddle_style(cnn_model(), [-1, 3, -1, -1])
+    (spec,) = InputSpec.from_model(model)
+    assert spec.shape == (None, 3, None, None) and spec.static_batch is None
+    assert spec.describe_shape() == "(?, 3, ?, ?)"
+    x = cnn_data(40)
+    result = ot.recalibrate(model, x, batch_size=8, provider="cpu")
+    assert result.stats.num_batches == 5
+    assert_stats_close(result.model, reference_collect(cnn_model(), x, 8), {"x": x[:8]})
+
+
+def test_dim_param_names_are_kept_and_one_parser_serves_both():
+    from onnx_tools.graph import tensor_dims, tensor_type_and_dims
+
+    model = onnx.parser.parse_model(
+        """<ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3, ?, 5] x) => (float[N, 3, ?, 5] y) { y = Identity(x) }"""
+    )
+    value = model.graph.input[0]
+    value.type.tensor_type.shape.dim[2].dim_value = 0
+    assert tensor_dims(value) == ["N", 3, None, 5]
+    assert tensor_type_and_dims(value)[1] == [None, 3, None, 5]
+    assert InputSpec.from_model(model)[0].shape == ("N", 3, None, 5)
