@@ -14,6 +14,31 @@ logger = logging.getLogger(__name__)
 
 
 
+def runnable_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model``, or a copy whose graph inputs declare no dimension as ``dim_value <= 0``.
+
+    Converters (paddle2onnx and others) write dynamic dimensions as ``dim_value: -1`` or
+    ``0``; bnref-onnx reads both as dynamic, and onnxruntime accepts -1 but takes 0 as a real
+    size ("Got invalid dimensions ... Expected: 0"). Such dimensions become unnamed dynamic
+    ones, so the model runs as its converter meant it. The caller's model is not changed.
+    """
+    def bad(vi: onnx.ValueInfoProto) -> bool:
+        tt = vi.type.tensor_type
+        return tt.HasField("shape") and any(
+            d.HasField("dim_value") and d.dim_value <= 0 for d in tt.shape.dim)
+
+    if not any(bad(vi) for vi in (*model.graph.input, *model.graph.output)):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for vi in (*copy.graph.input, *copy.graph.output):
+        if vi.type.tensor_type.HasField("shape"):
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_value") and d.dim_value <= 0:
+                    d.ClearField("dim_value")
+    return copy
+
+
 def make_session(model: onnx.ModelProto, provider: str = "auto"):
     """Create an onnxruntime session; return ``(session, provider_used)``.
 
@@ -45,7 +70,7 @@ def make_session(model: onnx.ModelProto, provider: str = "auto"):
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want_cuda else [
         "CPUExecutionProvider"
     ]
-    with modelio.model_source(model) as src:
+    with modelio.model_source(runnable_inputs(model)) as src:
         try:
             session = ort.InferenceSession(src, options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types

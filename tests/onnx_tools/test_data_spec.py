@@ -127,18 +127,20 @@ def test_non_positive_dim_values_are_symbolic_and_run_end_to_end():
     import onnx_tools as ot
     from tests.onnx_tools.helpers import assert_stats_close, cnn_data, cnn_model, reference_collect
 
-    # 0 is symbolic here too (one rule), but onnxruntime reads dim_value 0 literally
-    # ("Expected: 0"), so only the parse is checked for it; -1 runs end to end
-    (spec,) = InputSpec.from_model(_paddle_style(cnn_model(), [0, 3, 0, -1]))
-    assert spec.shape == (None, 3, None, None) and spec.static_batch is None
-    model = _paddle_style(cnn_model(), [-1, 3, -1, -1])
-    (spec,) = InputSpec.from_model(model)
-    assert spec.shape == (None, 3, None, None) and spec.static_batch is None
-    assert spec.describe_shape() == "(?, 3, ?, ?)"
-    x = cnn_data(40)
-    result = ot.recalibrate(model, x, batch_size=8, provider="cpu")
-    assert result.stats.num_batches == 5
-    assert_stats_close(result.model, reference_collect(cnn_model(), x, 8), {"x": x[:8]})
+    # 0 and -1 are both dynamic (one rule); onnxruntime would read a declared 0 literally
+    # ("Expected: 0"), so sessions get those dimensions cleared (session.runnable_inputs)
+    for dims in ([0, 3, 0, -1], [-1, 3, -1, -1]):
+        model = _paddle_style(cnn_model(), dims)
+        (spec,) = InputSpec.from_model(model)
+        assert spec.shape == (None, 3, None, None) and spec.static_batch is None
+        assert spec.describe_shape() == "(?, 3, ?, ?)"
+        x = cnn_data(40)
+        result = ot.recalibrate(model, x, batch_size=8, provider="cpu")
+        assert result.stats.num_batches == 5
+        assert_stats_close(result.model, reference_collect(cnn_model(), x, 8), {"x": x[:8]})
+        # the written model keeps the converter's declaration; only the sessions differ
+        assert [d.dim_value for d in result.model.graph.input[0].type.tensor_type.shape.dim] == dims
+        assert ot.compare_models(model, result.model, x, provider="cpu").num_samples == 40
 
 
 def test_dim_param_names_are_kept_and_one_parser_serves_both():
