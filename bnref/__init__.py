@@ -9,7 +9,7 @@ Where each concept lives:
 * ``bnref.precise``      — ``PreciseBN`` (Precise BatchNorm aggregation) and ``blend_prior``.
 * ``bnref.ghost``        — ghost (virtual) BN and per-domain BN.
 * ``bnref.runtime``      — threads, tuning and the memory the kernels keep between calls.
-* ``bnref.testing``      — test *your* BN against the oracle: ``strategies`` (hypothesis),
+* ``bnref.testing``      — test *your* BN against the oracle: ``strategies`` (hypothesis), ``ranges``,
   ``tolerances`` (``Tolerance``, ``assert_within``), ``check`` (``check_batch_norm``).
 * ``bnref._kernels``     — private: the blocked, threaded kernels that touch every element
   (``layout``, ``blocks``, ``sums``, ``pool``, ``memory``, ``stats``, ``float32``, ``forward``,

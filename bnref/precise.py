@@ -8,7 +8,7 @@ and aggregate them with equal weight per sample. Two estimators are in use:
     The pooled statistics of every value seen: with batches B of sizes n_B,
     ``mean = sum(n_B * mu_B) / n`` and ``var = (sum(M2_B) + sum(n_B * (mu_B - mean)**2)) / n``
     — the paper's ``E[mu_B**2 + sigma_B**2] - E[mu_B]**2``. Biased; ``bessel=True`` multiplies
-    by ``n / (n - 1)`` (the paper's appendix option).
+    by ``n / (n - 1)`` (the paper's appendix option; refused with ``mean_of_variances``).
 
 ``mean_of_variances`` (pycls, SuperGradients, mmpretrain, ``torch.optim.swa_utils.update_bn``)
     Equal weight per *batch*, whatever its size: ``mean = mean_B(mu_B)``,
@@ -43,13 +43,25 @@ def _check_estimator(estimator: str) -> str:
     return estimator
 
 
+def _check_bessel(estimator: str, bessel: bool) -> bool:
+    """``bessel`` as a bool; refused (not silently ignored) with ``mean_of_variances``."""
+    if bessel and estimator != "population":
+        raise ValueError(
+            f"bessel=True with estimator {estimator!r}: Bessel's correction applies only to the "
+            "population estimator (mean_of_variances already averages unbiased batch variances)"
+        )
+    return bool(bessel)
+
+
 @dataclass(eq=False)
 class PreciseBN:
     """Streaming Precise BatchNorm aggregator for one BN layer: ``update`` once per batch.
 
     Attributes:
         estimator: ``"population"`` or ``"mean_of_variances"`` — which one ``mean``/``var`` report.
-        bessel: for ``population`` only, report ``n / (n - 1)`` times the pooled variance.
+        bessel: for ``population`` only, report ``n / (n - 1)`` times the pooled variance;
+            ``bessel=True`` with ``mean_of_variances`` (which already averages unbiased batch
+            variances) raises ``ValueError``, here and in ``with_estimator``/``from_state_dict``.
     """
 
     estimator: str = "population"
@@ -61,7 +73,7 @@ class PreciseBN:
 
     def __post_init__(self) -> None:
         _check_estimator(self.estimator)
-        self.bessel = bool(self.bessel)
+        self.bessel = _check_bessel(self.estimator, self.bessel)
 
     # -- streaming ------------------------------------------------------------------------------
 
@@ -126,7 +138,10 @@ class PreciseBN:
         return out
 
     def with_estimator(self, estimator: str, bessel: bool = False) -> PreciseBN:
-        """The same collected state, reported with another estimator."""
+        """The same collected state, reported with another estimator.
+
+        Raises ``ValueError`` for ``bessel=True`` with ``mean_of_variances``.
+        """
         out = PreciseBN(estimator, bessel)
         out._pooled, out._num_batches = self._pooled, self._num_batches
         out._batch_mean_avg, out._batch_var_avg = self._batch_mean_avg, self._batch_var_avg
@@ -186,13 +201,17 @@ class PreciseBN:
     def from_state_dict(
         cls, state: dict[str, np.ndarray], estimator: str = "population", bessel: bool = False
     ) -> PreciseBN:
-        """Rebuild an aggregator saved with ``state_dict``."""
+        """Rebuild an aggregator saved with ``state_dict``.
+
+        Raises ``ValueError`` for missing arrays and for ``bessel=True`` with
+        ``mean_of_variances`` (checked before the state is read).
+        """
+        out = cls(estimator, bessel)  # validates the arguments first
         missing = {"count", "num_batches", "mean", "m2", "batch_mean_avg", "batch_var_avg"} - set(
             state
         )
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
-        out = cls(estimator, bessel)
         out._pooled = Moments(int(state["count"]), state["mean"], state["m2"])
         out._num_batches = int(state["num_batches"])
         out._batch_mean_avg = np.asarray(state["batch_mean_avg"], dtype=np.float64)

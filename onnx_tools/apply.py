@@ -248,7 +248,9 @@ def apply_stats(
     _check_applicable(analysis, stats)
     check_prior_strength(prior_strength)
     est = stats.estimator if estimator is None else estimator
-    bes = stats.bessel if bessel is None else bessel
+    # Overriding the estimator starts from bessel=False: a STATS file collected with Bessel's
+    # correction can still be applied as mean_of_variances (which has no such option).
+    bes = bool(bessel) if bessel is not None else (stats.bessel if estimator is None else False)
     check_estimator(est, bes)
     out = onnx.ModelProto()
     out.CopyFrom(analysis.model)

@@ -134,3 +134,44 @@ def test_blend_prior_weights():
     m0, v0 = bnref.blend_prior([1.0], [2.0], [3.0], [4.0], n=5, prior_strength=0)
     np.testing.assert_array_equal(m0, [3.0])
     np.testing.assert_array_equal(v0, [4.0])
+
+
+def _collected(estimator="population"):
+    p = bnref.PreciseBN(estimator)
+    p.update_from_array(np.random.default_rng(0).standard_normal((6, 2)))
+    return p
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: bnref.PreciseBN("mean_of_variances", bessel=True),
+        lambda: bnref.PreciseBN(estimator="mean_of_variances", bessel=1),
+        lambda: _collected().with_estimator("mean_of_variances", True),
+        lambda: _collected("mean_of_variances").with_estimator("mean_of_variances", bessel=True),
+        lambda: bnref.PreciseBN.from_state_dict(
+            _collected().state_dict(), estimator="mean_of_variances", bessel=True
+        ),
+        lambda: bnref.DomainPreciseBN("mean_of_variances", bessel=True),
+    ],
+    ids=["constructor", "constructor_truthy", "with_estimator", "with_estimator_same",
+         "from_state_dict", "domain_precise_bn"],
+)
+def test_bessel_with_mean_of_variances_is_refused_not_ignored(call):
+    """mean_of_variances already averages unbiased batch variances: bessel=True would be ignored."""
+    with pytest.raises(
+        ValueError,
+        match=r"Bessel's correction applies only to the population estimator.*"
+        r"mean_of_variances already averages unbiased batch variances",
+    ):
+        call()
+
+
+def test_bessel_false_with_mean_of_variances_and_bessel_with_population_still_work():
+    p = _collected()
+    pb = p.with_estimator("population", True)
+    assert pb.bessel and np.allclose(pb.var, p.var * 6 / 5)
+    mov = pb.with_estimator("mean_of_variances")  # the default bessel=False: no error
+    assert not mov.bessel and mov.merge(mov).estimator == "mean_of_variances"
+    r = bnref.PreciseBN.from_state_dict(pb.state_dict(), estimator="mean_of_variances", bessel=False)
+    assert np.array_equal(r.var, mov.var)

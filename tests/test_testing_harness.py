@@ -26,6 +26,14 @@ def test_bn_cases_are_well_formed(case):
     c = case.x.shape[normalize_axis(case.axis, case.x.ndim)]
     assert case.scale.shape == case.bias.shape == case.running_var.shape == (c,)
     assert np.all(case.running_var > 0)
+    # The bounds bnref.testing.ranges derives from: |gamma| in [0.2, 2], |beta|, |running_mean|
+    # <= 4, running_var in [0.5, 2], dy with rms 1 per channel.
+    assert np.all((np.abs(case.scale) >= np.float32(0.2)) & (np.abs(case.scale) <= 2))
+    assert np.all(np.abs(case.bias) <= 4) and np.all(np.abs(case.running_mean) <= 4)
+    assert np.all((case.running_var >= 0.5) & (case.running_var <= 2))
+    ax = normalize_axis(case.axis, case.x.ndim)
+    red = tuple(i for i in range(case.x.ndim) if i != ax)
+    np.testing.assert_allclose(np.sqrt(np.mean(case.dy.astype(np.float64) ** 2, axis=red)), 1, rtol=1e-6)
 
 
 def _oracle_impl(conv, var_ddof=None, eps_outside=False, momentum_flip=False):

@@ -2,6 +2,7 @@
 
 Typical use, in another project's test suite::
 
+    import numpy as np
     import bnref.testing as bt
     from bnref.conventions import PYTORCH
 
@@ -12,14 +13,35 @@ Typical use, in another project's test suite::
     def test_my_bn():
         bt.check_batch_norm(bt.BatchNormImpl(train=my_train), PYTORCH, dtype=np.float32)
 
-``check_batch_norm`` runs hypothesis over shapes, layouts and per-channel scales spanning six
-orders of magnitude (so eps placement and the Bessel factor are visible), compares every
-quantity with bnref, and on failure raises ``AssertionError`` naming the quantity, the
-channel, the worst element, and the falsifying example (hypothesis prints its reproduction).
+``check_batch_norm`` runs hypothesis over shapes, layouts and per-channel scales spanning up to
+six orders of magnitude (so eps placement and the Bessel factor are visible), compares every
+quantity with bnref, and on failure raises ``Mismatch`` (an ``AssertionError``) naming the
+quantity, the channel, the worst element and the case (hypothesis adds the falsifying example).
+It takes your current hypothesis profile (only ``deadline`` is set to None, and
+``max_examples`` where you pass it) and saves failures to its example database.
+
+Or draw the cases in your own ``@given`` test, with your own settings::
+
+    from hypothesis import given, settings
+
+    @settings(max_examples=200)
+    @given(case=bt.bn_cases(np.float16))
+    def test_my_bn_float16(case):
+        bt.check_case(bt.BatchNormImpl(train=my_train, eval=my_eval, backward=my_backward),
+                      PYTORCH, case)   # tolerance from case.x.dtype; raises bt.Mismatch
+
+hypothesis then shrinks, prints and saves the falsifying example as for any of your tests
+(``@reproduce_failure`` with ``print_blob=True``), and replays it first on the next run.
+
+Every drawn case stays in range for its dtype: float16 cases keep y, the running statistics
+(any convention, any momentum), dx, dscale and dbias finite and out of the subnormals, so a
+correct float16 implementation (float32 arithmetic, rounded once) passes under every
+convention (``ranges``: the bounds and their derivation).
 
 Where each part lives:
 
 * ``bnref.testing.strategies`` — ``shapes_and_axes``, ``bn_cases`` and the ``BNCase`` they draw.
+* ``bnref.testing.ranges``     — ``std_range``: the per-dtype bounds ``bn_cases`` draws within.
 * ``bnref.testing.tolerances`` — ``Tolerance`` (its table of ``k`` per dtype), the natural
   scale of each quantity, ``assert_within`` and its ``Mismatch``, ``output_scale``.
 * ``bnref.testing.check``      — ``BatchNormImpl``, ``check_case``, ``check_batch_norm``.
@@ -35,6 +57,7 @@ from bnref.testing.check import (
     check_batch_norm,
     check_case,
 )
+from bnref.testing.ranges import std_range
 from bnref.testing.strategies import BNCase, bn_cases, shapes_and_axes
 from bnref.testing.tolerances import Mismatch, Tolerance, assert_within, output_scale
 
@@ -46,6 +69,7 @@ __all__ = [
     "BNCase",
     "shapes_and_axes",
     "bn_cases",
+    "std_range",
     "TrainFn",
     "EvalFn",
     "BackwardFn",

@@ -3,7 +3,8 @@
 ``check_case`` runs each part of the implementation given (training forward with the running
 statistics' update, inference forward, training backward) on one ``BNCase``, computes bnref's
 answer in float64, and asserts every quantity within its tolerance (``tolerances``: natural
-scales and ``k``). ``check_batch_norm`` does that over cases drawn by hypothesis.
+scales and ``k``); call it from your own ``@given(case=bn_cases(...))`` test. ``check_batch_norm``
+does that over cases drawn by hypothesis, with the current profile's settings and database.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from bnref.backward import batch_norm_train_backward
 from bnref.conventions import Convention
 from bnref.forward import BatchNormCache, batch_norm_eval, batch_norm_train
 from bnref.testing.strategies import BNCase, bn_cases, require_hypothesis
-from bnref.testing.tolerances import Tolerance, assert_within, output_scale
+from bnref.testing.tolerances import Mismatch, Tolerance, assert_within, output_scale
 
 try:  # hypothesis is a test dependency, not a runtime one.
     from hypothesis import given, settings
+
+    from bnref.testing.database import KeyedDatabase
 except ImportError:  # pragma: no cover - exercised only without hypothesis installed
-    given = settings = None
+    given = settings = KeyedDatabase = None
 
 TrainFn = Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
 EvalFn = Callable[..., np.ndarray]
@@ -70,26 +73,34 @@ def check_case(
     impl: BatchNormImpl,
     convention: Convention,
     case: BNCase,
-    tol: Tolerance,
+    tol: Tolerance | None = None,
     momentum: float | None = None,
     eps: float | None = None,
 ) -> dict[str, float]:
     """Compare ``impl`` with bnref on one case; return the worst error/allowed ratio per quantity.
 
-    ``momentum`` and ``eps`` default to the convention's; both are passed to ``impl``.
-    Quantities: ``y_train``, ``running_mean``, ``running_var`` (``impl.train``), ``y_eval``
-    (``impl.eval``), ``dx``, ``dscale``, ``dbias`` (``impl.backward``).
+    Call it from your own ``@given(case=bn_cases(dtype))`` test. ``tol`` defaults to
+    ``Tolerance.for_dtype(case.x.dtype)``; ``momentum`` and ``eps`` to the convention's; both
+    are passed to ``impl``. Quantities: ``y_train``, ``running_mean``, ``running_var``
+    (``impl.train``), ``y_eval`` (``impl.eval``), ``dx``, ``dscale``, ``dbias``
+    (``impl.backward``). Raises ``Mismatch`` (an ``AssertionError``) naming the quantity, the
+    worst element, the convention, eps, momentum and the case's shape, axis and dtype.
     """
+    tol = tol or Tolerance.for_dtype(case.x.dtype)
     eps = convention.effective_eps(eps)
     mom = convention.momentum if momentum is None else momentum
     ref = _Reference.of(case, eps)
     worst: dict[str, float] = {}
-    if impl.train is not None:
-        worst.update(_check_train(impl.train, convention, case, ref, tol, eps, mom))
-    if impl.eval is not None:
-        worst.update(_check_eval(impl.eval, case, ref, tol, eps))
-    if impl.backward is not None:
-        worst.update(_check_backward(impl.backward, case, ref, tol, eps))
+    try:
+        if impl.train is not None:
+            worst.update(_check_train(impl.train, convention, case, ref, tol, eps, mom))
+        if impl.eval is not None:
+            worst.update(_check_eval(impl.eval, case, ref, tol, eps))
+        if impl.backward is not None:
+            worst.update(_check_backward(impl.backward, case, ref, tol, eps))
+    except Mismatch as e:
+        context = f"convention {convention.name}, eps {eps:g}, momentum {mom:g}; {case!r}"
+        raise Mismatch(f"{e} [{context}]", e.quantity) from None
     return worst
 
 
@@ -187,14 +198,22 @@ def check_batch_norm(
     *,
     momentum: float | None = None,
     eps: float | None = None,
-    max_examples: int = 50,
+    max_examples: int | None = None,
     tolerance: Tolerance | None = None,
     cases=None,
 ) -> None:
     """Run hypothesis over ``cases`` (default ``bn_cases(dtype)``) and compare ``impl`` with bnref.
 
-    Raises ``AssertionError`` on the first (shrunk) counterexample, with the quantity, the worst
-    element and the falsifying example in the message and hypothesis's report.
+    Raises ``Mismatch`` (an ``AssertionError``) on the first (shrunk) counterexample, with the
+    quantity, the worst element and the case in the message and hypothesis's report.
+
+    Settings come from the current hypothesis profile (``settings.default``: whatever your
+    ``settings.load_profile`` chose), with ``deadline=None`` (a first call may compile) and
+    ``max_examples`` only where given here. Failures are saved to the profile's example
+    database (``database=None`` there: nothing saved), apart per implementation, convention,
+    dtype, momentum, eps and cases (``database_key``), and replayed first on the next run; set
+    ``print_blob=True`` in the profile for a ``@reproduce_failure`` line. To draw cases in your
+    own ``@given`` test instead, use ``bn_cases`` and ``check_case``.
 
     For jit-compiled implementations (JAX/Flax), every new shape recompiles: pass
     ``cases=bn_cases(dtype, shape_axis=st.sampled_from([((8, 4, 3, 3), -1), ...]))`` to draw
@@ -203,10 +222,36 @@ def check_batch_norm(
     require_hypothesis()
     tol = tolerance or Tolerance.for_dtype(dtype)
     strategy = cases if cases is not None else bn_cases(dtype)
+    overrides = {"deadline": None}
+    if max_examples is not None:
+        overrides["max_examples"] = max_examples
+    if settings.default.database is not None:  # the profile's database, one space per check
+        key = database_key(impl, convention, dtype, momentum, eps, strategy)
+        overrides["database"] = KeyedDatabase(settings.default.database, key.encode() + b"\0")
 
-    @settings(max_examples=max_examples, deadline=None, print_blob=True, database=None)
+    @settings(settings.default, **overrides)
     @given(case=strategy)
-    def _run(case):
+    def bnref_check_batch_norm(case):
         check_case(impl, convention, case, tol, momentum, eps)
 
-    _run()
+    bnref_check_batch_norm()
+
+
+def database_key(impl: BatchNormImpl, convention: Convention, dtype, momentum=None, eps=None,
+                 cases=None) -> str:
+    """What tells ``check_batch_norm``'s saved examples apart: stable across processes.
+
+    The prefix of its ``database.KeyedDatabase``: the implementation's function names, the
+    convention, dtype, momentum, eps and the strategy's repr (left out where it holds a memory
+    address).
+    """
+
+    def name(f) -> str:
+        if f is None:
+            return "-"
+        return f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', type(f).__qualname__)}"
+
+    drawn = repr(cases) if cases is not None else "-"
+    parts = [convention.name, np.dtype(dtype).name, repr(momentum), repr(eps),
+             "?" if " at 0x" in drawn else drawn]
+    return "|".join(parts + [name(f) for f in (impl.train, impl.eval, impl.backward)])

@@ -340,3 +340,12 @@ def test_notes_are_printed_once(tmp_path, cnn_files):
     assert len(notes) == len(set(notes)), err
     assert any("static batch dimension" in n for n in notes)
     assert any("float64 -> float32" in n for n in notes)
+
+
+def test_apply_can_override_a_bessel_collection_with_mean_of_variances(cnn_files):
+    model, data = cnn_files
+    stats = ot.collect(model, data, batch_size=8, bessel=True, provider="cpu")
+    applied = ot.apply_stats(model, stats, estimator="mean_of_variances")
+    assert applied.report.meta["estimator"] == "mean_of_variances" and not applied.report.meta["bessel"]
+    with pytest.raises(ValueError, match="bessel"):
+        ot.apply_stats(model, stats, estimator="mean_of_variances", bessel=True)
