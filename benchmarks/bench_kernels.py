@@ -21,12 +21,23 @@ on a shared machine), the cost of ``PreciseBN.update`` and ``Moments.merge`` (O(
 bnref's peak extra memory relative to the input (tracemalloc, from a state where the scratch
 and constants the kernels keep between calls were released, so the ones this call needs are
 counted), a NumPy floor for exact statistics in the (N, C) case (on one thread and on two),
-and writes everything with a machine description to ``benchmarks/results/kernels.json``.
+and writes everything with a machine description (CPU model, family/model numbers, L1d / L2 /
+L3 sizes and how many CPUs share them, cores) to ``benchmarks/results/kernels.json`` (the
+latest run) and ``benchmarks/results/kernels-<cpu>.json`` (the latest run on this CPU kind,
+named after the CPU model). The README shows one table per CPU kind (``readme_markdown``,
+used by ``scripts/update_readme.py``): the newest run of each CPU model found in
+``benchmarks/results/kernels*.json``.
+
+``--sweep`` times the float32 4-D cases under several block settings (``block_elems`` /
+``max_block_elems``, in Ki values), each against PyTorch in the same round, and adds the run to
+``benchmarks/results/kernels-sweep-<cpu>.json`` (``{"runs": [...]}``): the measurements behind
+the block sizes of ``bnref/_kernels/config.py``, to rerun on another CPU kind.
 
     python benchmarks/bench_kernels.py                # run (a few minutes), write the JSON
     python benchmarks/bench_kernels.py --quick        # fewer rounds
     python benchmarks/bench_kernels.py --float32-forward  # the opt-in float32 forward path
-    python benchmarks/bench_kernels.py --markdown     # render the README table from the JSON
+    python benchmarks/bench_kernels.py --markdown     # render the README tables from the JSONs
+    python benchmarks/bench_kernels.py --sweep [--sweep-configs 64/256,64/64,...]
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -50,8 +62,10 @@ sys.path.insert(0, str(ROOT))
 
 import bnref  # noqa: E402
 from bnref import runtime  # noqa: E402
+from bnref._kernels import config  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results" / "kernels.json"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+RESULTS = RESULTS_DIR / "kernels.json"
 
 # name -> (shape, channel axis, torch memory format)
 CASES = {
@@ -63,24 +77,46 @@ CASES = {
 OPS = ("train_fwd", "eval_fwd", "train_bwd")
 TARGETS = {"NCHW (64,256,28,28)": 1.5, "NHWC (64,28,28,256)": 1.5, "(256,4096)": 3.0,
            "NCDHW (8,64,16,32,32)": 1.5}
+#: Targets withdrawn (issue 14: no compiled kernel, so float32 (N, C) at 10^6 values stays above 3x).
+RETIRED = {("(256,4096)", "float32")}
+
+
+def cpu_kind(cpu: str) -> str:
+    """File-name key of a CPU model name: ``"AMD EPYC"`` -> ``"amd-epyc"``."""
+    return re.sub(r"[^a-z0-9]+", "-", cpu.lower().replace("(r)", "").replace("(tm)", "")).strip("-") or "unknown"
+
+
+def _cpuinfo() -> dict:
+    """The first processor's entry of /proc/cpuinfo (empty where there is none)."""
+    info: dict = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                if info:
+                    break
+                continue
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    ci = _cpuinfo()
+    cpu = ci.get("model name") or platform.processor() or "unknown"
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
         cores = os.cpu_count()
     info = {
         "cpu": cpu,
+        "cpu_kind": cpu_kind(cpu),
+        "cpu_vendor": ci.get("vendor_id"),
+        "cpu_family_model_stepping": [ci.get("cpu family"), ci.get("model"), ci.get("stepping")],
+        "caches": config.cpu_caches(),
         "cores": cores,
+        "cpus_online": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,
         "platform": platform.platform(),
@@ -125,7 +161,8 @@ def _stats_floor_threads(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s + s2, q + q2
 
 
-def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: int = 2) -> dict:
+def _setup(name: str, dtype: np.dtype) -> tuple[np.ndarray, dict]:
+    """Case ``name``'s data and the functions to time: ``(library, op) -> callable``."""
     import torch
     import torch.nn.functional as F
 
@@ -160,6 +197,12 @@ def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: in
         ("torch", "train_bwd"): lambda: torch.autograd.grad(yg, [xg, wg, bg], gt, retain_graph=True),
         ("copy", "copy"): lambda: x.copy(),
     }
+    return x, fns
+
+
+def bench_case(name: str, dtype: np.dtype, rounds: int, threads: int, repeat: int = 2) -> dict:
+    shape, axis, _ = CASES[name]
+    x, fns = _setup(name, dtype)
     if x.ndim == 2:  # the (N, C) case, where NumPy's per-call costs weigh most
         # A floor for any NumPy implementation of exact statistics: the two float64 reductions
         # (sum and sum of squares) as single NumPy calls, without the shift that |mean| >> std
@@ -312,12 +355,134 @@ def run(rounds: int, threads: int, repeat: int = 2) -> dict:
     return out
 
 
+#: ``--sweep``: block settings as ``block_elems/max_block_elems`` in Ki values. The first is the
+#: reference every other is paired with in each round (``vs_ref``).
+SWEEP_CONFIGS = "64/256,32/32,64/64,128/128,128/256,256/256,64/512,256/1024"
+SWEEP_CASES = ("NCHW (64,256,28,28)", "NHWC (64,28,28,256)", "NCDHW (8,64,16,32,32)")
+
+
+def _plan_summary(x: np.ndarray, axis: int) -> str:
+    """The structure the kernels pick for ``x`` under the tuning in force, in a few words."""
+    from bnref._kernels import layout
+
+    axis = axis % x.ndim
+    L = layout.Layout(x, axis)
+    mode = "row" if L.row_mode else ("tiled" if L.tiled else "column")
+    fused = layout.whole_channels(x, axis) is not None
+    return f"{mode}, {len(L.blocks)} blocks of <= {L.max_block // 1024} Ki" + (", fused" if fused else "")
+
+
+def sweep(configs: list[tuple[int, int]], rounds: int, threads: int, repeat: int = 2) -> dict:
+    """float32 4-D cases under each block setting, against PyTorch in the same round.
+
+    In each round, for each op: PyTorch runs 1 + repeat times, then bnref under each setting
+    (in an order rotated round by round) 1 + repeat times; the first call of each group is
+    dropped. ``ratio``: median over rounds of bnref / PyTorch within the round; ``vs_ref``:
+    median over rounds of bnref's time over its time under the first setting in that round
+    (the cleaner comparison between settings on a shared machine).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    runtime.set_num_threads(threads)
+    out = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "rounds": rounds,
+        "repeat": repeat,
+        "sweep": [],
+    }
+    for name in SWEEP_CASES:
+        _, axis, _ = CASES[name]
+        x, fns = _setup(name, np.dtype(np.float32))
+        plans = {}
+        for c in configs:
+            with runtime.tuning(block_elems=c[0], max_block_elems=c[1]):
+                plans[c] = _plan_summary(x, axis)
+                for op in OPS:
+                    fns[("bnref", op)]()  # warm-up
+        tms = {op: [] for op in OPS}
+        per = {(op, c): ([], [], []) for op in OPS for c in configs}  # ms, ratio, vs_ref
+        for r in range(rounds):
+            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            for op in OPS:
+                tf = fns[("torch", op)]
+                tf()
+                t = statistics.median(_timer(tf) for _ in range(repeat))
+                tms[op].append(t)
+                got = {}
+                for c in order:
+                    with runtime.tuning(block_elems=c[0], max_block_elems=c[1]):
+                        bf = fns[("bnref", op)]
+                        bf()
+                        got[c] = statistics.median(_timer(bf) for _ in range(repeat))
+                for c in configs:
+                    ms, ratio, rel = per[op, c]
+                    ms.append(got[c])
+                    ratio.append(got[c] / t)
+                    rel.append(got[c] / got[configs[0]])
+        case = {"case": name, "dtype": "float32",
+                "torch_ms": {op: round(statistics.median(tms[op]) * 1e3, 3) for op in OPS},
+                "configs": []}
+        for c in configs:
+            case["configs"].append({
+                "block_elems": c[0], "max_block_elems": c[1], "plan": plans[c],
+                "ops": {op: {"bnref_ms": round(statistics.median(per[op, c][0]) * 1e3, 3),
+                             "ratio": round(statistics.median(per[op, c][1]), 3),
+                             "vs_ref": round(statistics.median(per[op, c][2]), 3)} for op in OPS},
+            })
+        out["sweep"].append(case)
+        print(sweep_markdown({"sweep": [case]}, header=False), flush=True)
+    out["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    return out
+
+
+def sweep_markdown(data: dict, header: bool = True) -> str:
+    """The sweep as a table: ratio to PyTorch per op (and bnref's time relative to the first setting)."""
+    lines = []
+    if header:
+        m = data["machine"]
+        lines += [f"Block-size sweep, {data['date'][:10]} on {_cpu_text(m)}; {data['rounds']} rounds, "
+                  f"load average {m['load_average_at_start'][0]:.1f} at start, "
+                  f"{data.get('load_average_at_end', [float('nan')])[0]:.1f} at end. Ratio = bnref / "
+                  "PyTorch in the same round (in brackets: bnref's time over its time with the first "
+                  "setting in the same round).", ""]
+    lines += ["| case | block / max (Ki) | structure | train fwd | eval fwd | train bwd |",
+              "|---|---|---|---:|---:|---:|"]
+    for case in data["sweep"]:
+        for c in case["configs"]:
+            cells = " | ".join(f"{c['ops'][op]['ratio']:.2f} ({c['ops'][op]['vs_ref']:.2f})" for op in OPS)
+            lines.append(f"| {case['case']} | {c['block_elems'] // 1024} / {c['max_block_elems'] // 1024} "
+                         f"| {c['plan']} | {cells} |")
+    return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n >> 10} KiB"
+
+
+def _cpu_text(m: dict) -> str:
+    """The CPU of a run, named, with its caches where recorded."""
+    c = m.get("caches")
+    if not c or not (c.get("l2") or c.get("l3")):
+        return f"{m['cpu']} (caches not recorded)"
+
+    def shared(key: str) -> str:
+        n = c.get(f"{key}_shared_cpus")
+        return "" if n is None else (" per CPU" if n == 1 else f" shared by {n} CPUs")
+
+    return (f"{m['cpu']} (L1d {_size(c.get('l1d'))}, L2 {_size(c.get('l2'))}{shared('l2')}, "
+            f"L3 {_size(c.get('l3'))}{shared('l3')})")
+
+
 def markdown(data: dict) -> str:
     """The README table, from the JSON."""
     m = data["machine"]
     load = m.get("load_average_at_start")
     lines = [
-        f"Measured {data['date'][:10]} on {m['cpu']}, {m['cores']} cores; numpy {m['numpy']}, "
+        f"Measured {data['date'][:10]} on {_cpu_text(m)}, {m['cores']} cores; numpy {m['numpy']}, "
         f"torch {m['torch']} ({m.get('torch_threads')} threads), bnref {m['bnref_threads']} "
         f"threads. {data['rounds']} interleaved rounds; in each, every function runs "
         f"{1 + data.get('repeat', 0)} times back to back: the table shows the median of the last "
@@ -337,10 +502,11 @@ def markdown(data: dict) -> str:
             o = r["ops"][op]
             cells.append(f"{o['bnref_ms']:.1f} / {o['torch_ms']:.1f} (**{o['ratio']:.2f}**)")
         tgt = TARGETS.get(r["case"], "")
+        tcell = "retired" if (r["case"], r["dtype"]) in RETIRED else (f"≤ {tgt}" if tgt else "")
         single = " / ".join(f"{r['ops'][op]['single_call']['ratio']:.2f}" for op in OPS)
         lines.append(
             f"| {r['case']} | {r['dtype']} | {r['copy_ms']:.1f} | " + " | ".join(cells)
-            + f" | {r['train_fwd_plus_bwd_ratio']:.2f} | {single} | {'≤ ' + str(tgt) if tgt else ''} |"
+            + f" | {r['train_fwd_plus_bwd_ratio']:.2f} | {single} | {tcell} |"
         )
     a = data.get("aggregation")
     if a:
@@ -370,28 +536,88 @@ def markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+def latest_per_cpu(results_dir: Path = RESULTS_DIR) -> list[dict]:
+    """The newest run of each CPU model in ``results_dir/kernels*.json`` (sweeps excluded).
+
+    The latest run overall (``kernels.json``) comes first, then the other CPU kinds by name.
+    """
+    best: dict[str, dict] = {}
+    for path in sorted(results_dir.glob("kernels*.json")):
+        if path.name.startswith("kernels-sweep"):
+            continue
+        data = json.loads(path.read_text())
+        if "results" not in data or data["machine"].get("bnref_float32_forward"):
+            continue
+        key = data["machine"]["cpu"]
+        if key not in best or data["date"] > best[key]["date"]:
+            best[key] = data
+    latest = results_dir / RESULTS.name
+    first = json.loads(latest.read_text())["machine"]["cpu"] if latest.exists() else None
+    return sorted(best.values(), key=lambda d: (d["machine"]["cpu"] != first, d["machine"]["cpu"]))
+
+
+def readme_markdown(results_dir: Path = RESULTS_DIR) -> str:
+    """The README's kernels section: one table per CPU kind measured, the CPU named."""
+    runs = latest_per_cpu(results_dir)
+    return "\n\n".join(f"#### {d['machine']['cpu']}\n\n{markdown(d)}" for d in runs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15; --sweep: 9)")
     ap.add_argument("--quick", action="store_true", help="5 rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2, help="steady-state calls per function and round")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--markdown", action="store_true", help="print the table from --out and exit")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write here only (default: kernels.json and kernels-<cpu>.json)")
+    ap.add_argument("--markdown", action="store_true",
+                    help="print the README tables (one per CPU kind) from the JSONs and exit")
     ap.add_argument(
         "--float32-forward", action="store_true",
         help="opt-in float32 forward path (<= 2 eps32 instead of the float64 answer rounded once)",
     )
+    ap.add_argument("--sweep", action="store_true",
+                    help="float32 4-D cases under several block settings (see --sweep-configs)")
+    ap.add_argument("--sweep-configs", default=SWEEP_CONFIGS,
+                    help="block_elems/max_block_elems in Ki values, comma-separated; the first is "
+                         f"the reference (default {SWEEP_CONFIGS})")
     args = ap.parse_args(argv)
     if args.markdown:
-        print(markdown(json.loads(args.out.read_text())))
+        if args.out is not None:
+            data = json.loads(args.out.read_text())
+            if "runs" in data:
+                print("\n\n".join(sweep_markdown(d) for d in data["runs"]))
+            else:
+                print(sweep_markdown(data) if "sweep" in data else markdown(data))
+        else:
+            print(readme_markdown())
         return 0
-    with runtime.tuning(float32_forward=args.float32_forward):
-        data = run(5 if args.quick else args.rounds, args.threads, args.repeat)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(f"wrote {args.out}\n")
-    print(markdown(data))
+    kind = cpu_kind(machine()["cpu"])
+    rounds = 5 if args.quick else args.rounds or (9 if args.sweep else 15)
+    if args.sweep:
+        configs = [tuple(int(v) * 1024 for v in c.split("/")) for c in args.sweep_configs.split(",")]
+        data = sweep(configs, rounds, args.threads, args.repeat)
+        out = args.out or RESULTS_DIR / f"kernels-sweep-{kind}.json"
+        # Sweeps on one CPU kind accumulate in its file (repeated runs show the noise).
+        kept = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+        text = sweep_markdown(data)
+        data, outs = {"runs": kept + [data]}, [out]
+    else:
+        with runtime.tuning(float32_forward=args.float32_forward):
+            data = run(rounds, args.threads, args.repeat)
+        if args.out is not None:
+            outs = [args.out]
+        elif args.float32_forward:  # not the default configuration: kept out of the per-CPU files
+            outs = [RESULTS_DIR / "kernels-float32-forward.json"]
+        else:
+            outs = [RESULTS, RESULTS_DIR / f"kernels-{kind}.json"]
+        text = markdown(data)
+    for out in outs:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=2) + "\n")
+        print(f"wrote {out}")
+    print()
+    print(text)
     return 0
 
 

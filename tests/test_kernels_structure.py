@@ -793,3 +793,57 @@ def test_nan_propagates_to_its_channel_only(case, dtype, nan_row):
     want, scales = ref_eval(rest.x, rest.dy, rest.scale, rest.bias, rest.emean, rest.evar, EPS, axis)
     got = {k: (np.delete(v, ch, axis) if v.ndim > 1 else v[good]) for k, v in ev.items()}
     check_all(got, want, scales, bounds_for(np.dtype(dtype), n, "eval"), axis)
+
+
+# -- the CPU's caches (recorded with the benchmarks; bnref/_kernels/config.py) ---------------------
+
+
+def _fake_cache(root, cpu: int, entries) -> None:
+    """A sysfs-like ``cpuN/cache/index*`` tree: (level, type, size, shared_cpu_list) per index."""
+    for i, (level, kind, size, shared) in enumerate(entries):
+        d = root / f"cpu{cpu}" / "cache" / f"index{i}"
+        d.mkdir(parents=True)
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+        if shared is not None:
+            (d / "shared_cpu_list").write_text(f"{shared}\n")
+
+
+@pytest.fixture
+def fake_sysfs(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "_SYSFS_CPU", tmp_path)
+    config._read_cpu_caches.cache_clear()
+    yield tmp_path
+    config._read_cpu_caches.cache_clear()
+
+
+def test_cpu_caches_from_sysfs(fake_sysfs, monkeypatch):
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {3, 2}, raising=False)
+    _fake_cache(fake_sysfs, 2, [(1, "Data", "48K", "2,34"), (1, "Instruction", "32K", "2,34"),
+                                (2, "Unified", "2048K", "2,34"), (3, "Unified", "105M", "0-55,112-167")])
+    c = config.cpu_caches()
+    assert c == {"l1d": 48 << 10, "l2": 2 << 20, "l3": 105 << 20, "l2_shared_cpus": 2,
+                 "l3_shared_cpus": 112, "source": "sysfs"}
+    c["l2"] = 1  # a copy: the cached reading is not changed
+    assert config.cpu_caches()["l2"] == 2 << 20
+
+
+def test_cpu_caches_partial_or_missing(fake_sysfs, monkeypatch):
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    # An unreadable size and a missing shared_cpu_list are left unknown; the rest is read.
+    _fake_cache(fake_sysfs, 0, [(1, "Data", "n/a", None), (2, "Unified", "1024K", None)])
+    c = config.cpu_caches()
+    assert (c["l1d"], c["l2"], c["l3"], c["l2_shared_cpus"], c["source"]) == (None, 1 << 20, None, None, "sysfs")
+    # Nothing in sysfs: glibc's sysconf where there is one, else nothing; never an error.
+    config._read_cpu_caches.cache_clear()
+    monkeypatch.setattr(config, "_SYSFS_CPU", fake_sysfs / "absent")
+    c = config.cpu_caches()
+    assert c["source"] in ("sysconf", None) and c["l2_shared_cpus"] is None
+    assert all(c[k] is None or c[k] > 0 for k in ("l1d", "l2", "l3"))
+
+
+def test_cache_size_parsing():
+    assert [config._parse_size(t) for t in ("48K", "1024K", "32M", "1G", "65536", "?")] == [
+        48 << 10, 1 << 20, 32 << 20, 1 << 30, 65536, None]
+    assert [config._cpu_list_len(t) for t in ("0", "0-1", "0-1,4,6-7", "x")] == [1, 2, 5, None]

@@ -19,9 +19,10 @@ below depends only on shape, strides, axis and block size and is cached (``plan`
 * General column mode (rows too wide for ``TILE_MIN_ROWS`` rows in a block): blocks of
   ``GROUP_ROWS`` rows and part of the columns, constants broadcast.
 
-Blocks hold 1/16 of the input, at least ``block_elems`` values (64 Ki: 512 KiB of float64,
-an L2's worth) and at most ``max_block_elems`` (256 Ki: fewer, longer NumPy calls stream
-large inputs faster), and units of work are handed to a small thread pool
+Blocks hold 1/16 of the input, at least ``block_elems`` values (64 Ki: 512 KiB of float64)
+and at most ``max_block_elems`` (256 Ki: fewer, longer NumPy calls stream large inputs
+faster; the measurements behind both, and why they do not follow the cache sizes, are in
+``bnref/_kernels/config.py``), and units of work are handed to a small thread pool
 (``bnref/_kernels/pool.py``; ``bnref.runtime.num_threads()``, default ``min(2, CPUs)``, env
 ``BNREF_NUM_THREADS``). Inputs under ``PARALLEL_MIN_ELEMS`` (256 Ki values) stay on the
 calling thread. Partial sums are stored by unit and combined in a fixed order, so results
@@ -30,10 +31,11 @@ block-sized scratch arrays per thread and the constants' arena (both kept betwee
 ``bnref.runtime.kept_nbytes()``), O(C * units) partial sums.
 
 Training forward and backward in row mode, when a channel holds at most
-``FUSE_MAX_BLOCKS * block_elems`` values (NCHW (64, C, 28, 28): 50 Ki), take one pass per
+``FUSE_MAX_BLOCKS * block_elems`` values (NCDHW (8, 64, 16, 32, 32): 128 Ki), take one pass per
 channel (``whole_channels``): the channel is loaded into scratch once, its sums computed,
 then its outputs from the same scratch, so x and dy are read from memory once instead of
-twice. Otherwise statistics and outputs are two passes.
+twice. Otherwise statistics and outputs are two passes. (NCHW (64, 256, 28, 28) is not in row
+mode at the default sizes: its 49 Ki-value channels are under half of its 256 Ki blocks.)
 """
 
 from __future__ import annotations
