@@ -5,6 +5,11 @@ variance (both of length C) and the shape ``(N, C, *spatial)`` of the BN input, 
 number of values per channel is ``n = N * prod(spatial)``. Each becomes
 ``bnref.Moments.from_mean_var(mean, var, n, ddof=0)`` and feeds one ``bnref.PreciseBN`` per
 BN, which aggregates in float64.
+
+While ``session.run`` works on batch ``i``, batch ``i + 1`` is prepared on a background thread
+(``DataSource.batches(plan, ahead=PREFETCH)``; images are also decoded on a pool of threads):
+the batches and their order are the same, a data error surfaces when its batch is reached,
+with the same message, and stopping (an error, Ctrl-C) stops that thread.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 #: Below this batch size BN statistics are noisy and far from how BN was trained (a warning).
 SMALL_BATCH = 16
+
+#: Batches prepared ahead while the session runs (see the module docstring).
+PREFETCH = 1
 
 #: Test injection point, called with the batch index after each batch is aggregated
 #: (interruption tests raise from it).
@@ -133,6 +141,9 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
             if between_batches is not None:
                 between_batches(index)
     finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()  # stops the thread preparing the next batch, at once, not when collected
         if bar is not None:
             bar.close()
 
@@ -222,7 +233,7 @@ def collect(
     source.check(plan)  # the data fits (first feed of a reader), before the session is built
     session, used = make_session(cm.model, provider)
     logger.info("collecting with onnxruntime on %s", used.upper())
-    batches = source.batches(plan)
+    batches = source.batches(plan, ahead=PREFETCH)
     _warn_small_batch(source.summary.batch_size, any(s.static_batch for s in source.specs))
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
     _run_all(session, cm, batches, aggs, source.count_batches(plan), progress)

@@ -21,10 +21,35 @@ The open-time check (:func:`probe_image`) costs a header read per file, plus: PN
 ``verify()`` (chunk CRCs, no decompression); JPEG, a look at the file's last bytes for the
 end-of-image marker (a file without it, truncated or with a trailer, is decoded once to
 decide); any other format is decoded once. About 0.05 ms per small JPEG or PNG.
+
+JPEG draft (:func:`load_image` with ``draft=True``)
+---------------------------------------------------
+libjpeg can decode a JPEG at 1/2, 1/4 or 1/8 of its size (DCT scaling, pillow's
+``Image.draft``), several times faster for large photos. The resize rule stays the same: the
+target size is computed from the full-resolution size, and the reduced image, whose extent is
+mapped exactly (pillow's ``box``), is resized to it with the same filter. DCT scaling is not
+the same low-pass as an antialiased resize from full resolution, so a reduction is taken only
+while the reduced image keeps at least :data:`DRAFT_MARGIN` (2.5) times the target on both
+sides; a 500x375 photo resized to 256 is never reduced, a 4032x3024 one is decoded at 1/4.
+Measured on real photos (resize targets 20 to 300) and on 2 to 12 MP 1/f-noise photos (crop
+224): mean absolute difference from the full decode at most 0.71 of 255 levels (0.46 at the
+default 224 crop), largest single difference 8 levels, mean signed difference below 0.05
+levels, pixel standard deviation within 0.25 %. (Drafting down to the target itself, with no
+margin, gave mean differences of 1.4 to 3.1 levels; a margin of 2, up to 1.36.) Images
+turned by ``exif_transpose`` and non-JPEG files are never reduced.
+
+One image at a time (:class:`PixelTable`)
+-----------------------------------------
+:func:`normalize` is elementwise, so for 8-bit pixels its result is a table of 256 values per
+channel; :class:`PixelTable` computes that table with :func:`normalize` itself and writes
+each image into its slot of the batch with one lookup per value, bit for bit what
+:func:`normalize` gives the whole batch (float pixels of 16-bit images go through
+:func:`normalize` itself).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +66,8 @@ ALPHA_MODES = ("RGBA", "RGBa", "LA", "PA")
 SIXTEEN_TO_EIGHT = 255.0 / 65535.0
 EXIF_ORIENTATION = 0x0112
 JPEG_END = b"\xff\xd9"
+#: A JPEG is decoded reduced only while it keeps this many times the resize target.
+DRAFT_MARGIN = 2.5
 
 
 class BadImage(Exception):
@@ -117,7 +144,8 @@ def probe_image(path: Path) -> ImageFacts:
 
 
 def load_image(
-    path: Path, size: tuple[int, int], resize: int, mode: str, exif_transpose: bool = False
+    path: Path, size: tuple[int, int], resize: int, mode: str, exif_transpose: bool = False,
+    draft: bool = False,
 ) -> np.ndarray:
     """Decode ``path`` into ``(height, width, channels)`` pixels on the 8-bit scale.
 
@@ -128,17 +156,23 @@ def load_image(
     bilinear filter so that its shorter side is ``resize`` (the longer one
     ``int(resize * long / short)``) and center-cropped to ``size = (height, width)`` with
     offsets ``round((side - crop) / 2)``, as torchvision's ``Resize(resize)`` +
-    ``CenterCrop(size)`` do.
+    ``CenterCrop(size)`` do. With ``draft`` a large JPEG may be decoded reduced first (see
+    the module docstring: within 0.71 of 255 levels on average).
     """
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
             depth = pixel_depth(image.mode, image.format)
+            full = image.size  # as stored: the resize rule never sees a reduced size
+            box = _draft(image, resize, exif_transpose) if draft else None
             if exif_transpose:
-                image = ImageOps.exif_transpose(image)
-            image = image.convert("F" if depth == 16 else mode)
-            pixels = np.asarray(_resize_and_crop(image, size, resize))
+                image = ImageOps.exif_transpose(image)  # never reduced when it turns
+                full = image.size if box is None else full
+            target = "F" if depth == 16 else mode
+            if image.mode != target:  # convert() to the same mode would only copy it
+                image = image.convert(target)
+            pixels = np.asarray(_resize_and_crop(image, size, resize, full, box))
     except BadImage as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
@@ -152,15 +186,33 @@ def load_image(
     return pixels
 
 
-def _resize_and_crop(image, size: tuple[int, int], resize: int):
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """``(width, height)`` with the shorter side ``resize``, the longer truncated to an int."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def _draft(image, resize: int, exif_transpose: bool) -> tuple[float, float, float, float] | None:
+    """Decode a JPEG reduced when it keeps DRAFT_MARGIN x the target; the full image's box."""
+    if image.format != "JPEG" or (
+        exif_transpose and image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None)
+    ):
+        return None
+    width, height = image.size
+    want_w, want_h = (math.ceil(side * DRAFT_MARGIN) for side in resized_size(width, height, resize))
+    if min(width // want_w, height // want_h) < 2:
+        return None  # no reduction possible: the file is decoded exactly as without draft
+    drafted = image.draft(image.mode, (want_w, want_h))
+    return None if drafted is None or image.size == (width, height) else drafted[1]
+
+
+def _resize_and_crop(image, size: tuple[int, int], resize: int, full: tuple[int, int],
+                     box: tuple[float, float, float, float] | None = None):
     from PIL import Image
 
-    width, height = image.size
-    if width <= height:
-        new_w, new_h = resize, int(resize * height / width)
-    else:
-        new_w, new_h = int(resize * width / height), resize
-    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    new_w, new_h = resized_size(*full, resize)
+    image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, box=box)
     crop_h, crop_w = size
     top = int(round((new_h - crop_h) / 2.0))
     left = int(round((new_w - crop_w) / 2.0))
@@ -194,3 +246,25 @@ def normalize(
     if layout == "NCHW":
         out = out.transpose(0, 3, 1, 2)
     return np.ascontiguousarray(out, dtype=dtype)
+
+
+class PixelTable:
+    """:func:`normalize` for one image at a time, bit for bit (see the module docstring)."""
+
+    def __init__(self, scale: float, mean: Sequence[float], std: Sequence[float], layout: str,
+                 dtype: np.dtype, channels: int) -> None:
+        self.args = (scale, tuple(mean), tuple(std), layout, np.dtype(dtype))
+        self.layout = layout
+        levels = np.repeat(np.arange(256, dtype=np.uint8)[:, np.newaxis], channels, axis=1)
+        table = normalize(levels[np.newaxis, np.newaxis], *self.args)  # a 1 x 256 "image"
+        by_channel = table[0, :, 0, :] if layout == "NCHW" else table[0, 0].T
+        self.by_channel = np.ascontiguousarray(by_channel)  # (C, 256): channel c, value v
+
+    def write(self, out: np.ndarray, pixels: np.ndarray) -> None:
+        """Write one image's ``(H, W, C)`` pixels into ``out``, its slot of the batch."""
+        if pixels.dtype != np.uint8:  # 16-bit images: the arithmetic itself
+            out[...] = normalize(pixels[np.newaxis], *self.args)[0]
+            return
+        for c, values in enumerate(self.by_channel):
+            target = out[c] if self.layout == "NCHW" else out[..., c]
+            np.take(values, pixels[..., c], out=target, mode="clip")

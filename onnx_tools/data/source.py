@@ -9,6 +9,13 @@ the fingerprint (:mod:`onnx_tools.data.fingerprint`) here, once, for every kind 
 against the model, an empty shard, a kept final batch too small, a reader's first feed), so a
 caller can call it before building a session. Each note is logged once per source, however
 often it is iterated.
+``batches(plan, ahead=1)`` prepares the next batch on a background thread while the caller
+works on the current one (:func:`~onnx_tools.data.prefetch.ahead`): the batches, their order,
+the checks and their error messages are the same, and an error surfaces when the batch it
+concerns is reached; a reader is then called on that thread, and its batches are copied
+before it is asked for more (a reader may refill one buffer for every feed, and a feed of the
+batch size is passed through). :attr:`DataSource.summary` counts the batches handed to the
+caller, not those made ahead.
 :class:`IndexedSource` is the base of the data that can be read by index (arrays, images).
 """
 
@@ -22,6 +29,7 @@ import numpy as np
 
 from onnx_tools.data.fingerprint import batch_digest, format_fingerprint
 from onnx_tools.data.plan import MAX_LISTED, BatchPlan, DataSummary
+from onnx_tools.data.prefetch import ahead as run_ahead
 from onnx_tools.data.spec import Feed, InputSpec, check_finite
 from onnx_tools.errors import DataError
 
@@ -34,6 +42,9 @@ class DataSource(abc.ABC):
     :attr:`summary` (a :class:`~onnx_tools.data.plan.DataSummary`) describes the latest (or
     current) iteration.
     """
+
+    #: Whether every batch is a new array of this source's own (copied when made ahead if not).
+    _fresh_batches = False
 
     def __init__(self, specs: Sequence[InputSpec], description: str) -> None:
         self.specs = list(specs)
@@ -71,7 +82,7 @@ class DataSource(abc.ABC):
             notes.append(text)
         self._log_once(text)
 
-    def batches(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+    def batches(self, plan: BatchPlan, ahead: int = 0) -> Iterator[tuple[int, Feed]]:
         """Yield ``(index, feed)`` for the batches of ``plan`` (see :mod:`onnx_tools.data.plan`).
 
         ``index`` is the global batch index, the same with or without ``plan.shard``. The
@@ -80,7 +91,9 @@ class DataSource(abc.ABC):
         combine with :func:`~onnx_tools.data.combine_fingerprints` into the unsharded one.
         The plan is resolved against the model (static batch dimension, ``min_batch_size``)
         and a kept final batch checked at once, so problems are raised and :attr:`summary`
-        holds the batch size used before the first batch is read.
+        holds the batch size used before the first batch is read. With ``ahead=k`` batches
+        are prepared on a background thread while the caller works, ``k`` waiting and one in
+        the making (see the module docstring); ``0`` prepares each when it is asked for.
         """
         resolved, notes = plan.resolve(self.specs)
         self._check_plan(resolved)
@@ -92,7 +105,7 @@ class DataSource(abc.ABC):
         self._summary.shuffle = bool(resolved.shuffle)
         self._summary.seed = int(resolved.seed)
         self._summary.shard = resolved.sharding
-        return self._run(resolved)
+        return self._run(resolved, ahead)
 
     def count_batches(self, plan: BatchPlan) -> int | None:
         """Return how many batches :meth:`batches` will yield (for a progress bar).
@@ -134,18 +147,31 @@ class DataSource(abc.ABC):
         """Check the data against the model beyond what opening did (readers: first feed)."""
         del plan  # arrays and images check shapes and dtypes when they are opened
 
-    def _run(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+    def _run(self, plan: BatchPlan, ahead: int) -> Iterator[tuple[int, Feed]]:
+        checked = self._checked(plan, copy=bool(ahead) and not self._fresh_batches)
+        if ahead:
+            checked = run_ahead(checked, ahead)
         acc = 0
-        for index, feed in self._generate(plan):
-            check_finite(feed, index)  # here, once, so no consumer can forget it
-            acc ^= batch_digest(index, feed)
-            summary = self._summary
-            summary.num_batches += 1
-            summary.num_samples += len(next(iter(feed.values())))
-            summary.fingerprint = format_fingerprint(acc)
-            yield index, feed
+        try:
+            for index, feed, digest in checked:
+                acc ^= digest
+                summary = self._summary
+                summary.num_batches += 1
+                summary.num_samples += len(next(iter(feed.values())))
+                summary.fingerprint = format_fingerprint(acc)
+                yield index, feed
+        finally:
+            checked.close()  # a consumer that stops early stops the thread working ahead
         if self._summary.num_batches == 0:
             raise DataError(self._empty_message(plan, self._summary.dropped))
+
+    def _checked(self, plan: BatchPlan, copy: bool) -> Iterator[tuple[int, Feed, int]]:
+        """The batches with their digests, checked for NaN/Inf (where the batch is made)."""
+        for index, feed in self._generate(plan):
+            if copy:  # before the reader is asked for the next feed, which may reuse a buffer
+                feed = {name: np.array(a, copy=True) for name, a in feed.items()}
+            check_finite(feed, index)  # here, once, so no consumer can forget it
+            yield index, feed, batch_digest(index, feed)
 
     def _empty_message(self, plan: BatchPlan, dropped: int) -> str:
         first, step = plan.sharding
@@ -174,6 +200,8 @@ class IndexedSource(DataSource):
     int64.
     """
 
+    _fresh_batches = True  # arrays read by index or decoded images, never a reused buffer
+
     @property
     def num_samples(self) -> int:
         """Samples available in the data."""
@@ -187,7 +215,12 @@ class IndexedSource(DataSource):
     def _load(self, indices: np.ndarray | slice) -> Feed:
         """Return the samples at ``indices`` (ascending, or a slice) as model-ready arrays."""
 
-    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+    def _batch_rows(self, plan: BatchPlan) -> Iterator[tuple[int, slice | np.ndarray]]:
+        """``(index, rows)`` of every batch the plan owns: a slice, or indices in batch order.
+
+        The batching rules of :mod:`onnx_tools.data.plan`, in one place for every indexed
+        source; records ``dropped`` and the note on a too large ``num_samples``.
+        """
         total = self._length()
         if total == 0:
             return
@@ -202,12 +235,15 @@ class IndexedSource(DataSource):
         first, step = plan.sharding
         for index in range(first, count, step):
             start, stop = index * size, min((index + 1) * size, n)
-            if order is None:
-                yield index, self._load(slice(start, stop))
+            yield index, slice(start, stop) if order is None else order[start:stop]
+
+    def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
+        for index, rows in self._batch_rows(plan):
+            if isinstance(rows, slice):
+                yield index, self._load(rows)
                 continue
-            wanted = order[start:stop]
-            perm = np.argsort(wanted, kind="stable")  # read rows in file order, then restore
-            loaded = self._load(wanted[perm])
+            perm = np.argsort(rows, kind="stable")  # read rows in file order, then restore
+            loaded = self._load(rows[perm])
             inverse = np.empty_like(perm)
             inverse[perm] = np.arange(len(perm))
             yield index, {name: a[inverse] for name, a in loaded.items()}
