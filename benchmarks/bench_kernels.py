@@ -310,16 +310,24 @@ def bench_aggregation(rounds: int) -> dict:
     }
 
 
-def run(rounds: int, threads: int, repeat: int = 2) -> dict:
+def _start(rounds: int, threads: int, repeat: int) -> dict:
+    """Set both libraries' thread counts; the fields every results file starts with."""
     import torch
 
     torch.set_num_threads(threads)
     runtime.set_num_threads(threads)
-    out = {
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "rounds": rounds,
         "repeat": repeat,
+    }
+
+
+def run(rounds: int, threads: int, repeat: int = 2) -> dict:
+
+    out = _start(rounds, threads, repeat)
+    out.update({
         "statistic": (
             "per round every function runs 1 + repeat times back to back; ratio: median over "
             "rounds of bnref/PyTorch within the round (each side: median of its repeat "
@@ -328,7 +336,7 @@ def run(rounds: int, threads: int, repeat: int = 2) -> dict:
             "after the other library ran)"
         ),
         "results": [],
-    }
+    })
     for name in CASES:
         for dtype in (np.float32, np.float64):
             row = bench_case(name, np.dtype(dtype), rounds, threads, repeat)
@@ -381,17 +389,8 @@ def sweep(configs: list[tuple[int, int]], rounds: int, threads: int, repeat: int
     median over rounds of bnref's time over its time under the first setting in that round
     (the cleaner comparison between settings on a shared machine).
     """
-    import torch
 
-    torch.set_num_threads(threads)
-    runtime.set_num_threads(threads)
-    out = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "rounds": rounds,
-        "repeat": repeat,
-        "sweep": [],
-    }
+    out = {**_start(rounds, threads, repeat), "sweep": []}
     for name in SWEEP_CASES:
         _, axis, _ = CASES[name]
         x, fns = _setup(name, np.dtype(np.float32))
