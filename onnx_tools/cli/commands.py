@@ -34,13 +34,15 @@ def _image_options(args: argparse.Namespace):
     given = {
         "crop": args.image_crop, "resize": args.image_resize, "mode": args.image_mode,
         "scale": args.image_scale, "mean": args.image_mean, "std": args.image_std,
-        "layout": args.image_layout,
+        "layout": args.image_layout, "threads": args.decode_threads,
     }
     given = {k: v for k, v in given.items() if v is not None}
     if args.image_exif_transpose:
         given["exif_transpose"] = True
     if args.skip_bad_images:
         given["skip_bad_images"] = True
+    if args.no_jpeg_draft:
+        given["jpeg_draft"] = False
     return ImageOptions(**given) if given else None
 
 

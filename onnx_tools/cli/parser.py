@@ -119,6 +119,12 @@ def _add_images(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-images", action="store_true",
                    help="leave out unreadable images (counted and named in the notes) "
                    "instead of failing")
+    g.add_argument("--decode-threads", type=_positive_int, metavar="N",
+                   help="threads decoding each batch's images (default: one per CPU, at "
+                   "most 8; the batches are the same whatever N)")
+    g.add_argument("--no-jpeg-draft", action="store_true",
+                   help="always decode JPEGs at full size (default: libjpeg's 1/2-1/8 "
+                   "draft while it keeps 2.5x the resize target)")
 
 
 def _output_group(p: argparse.ArgumentParser, *, short: bool) -> None:

@@ -275,3 +275,18 @@ def test_cli_flags_reach_the_image_options(tmp_path):
                            "--skip-bad-images", "--image-exif-transpose")
     assert code == 0, err
     assert "skipped 1 unreadable image(s)" in err
+
+
+@pytest.mark.parametrize("command", ["recalibrate", "collect"])
+def test_cli_decode_flags_reach_the_image_options(command):
+    from onnx_tools.cli import build_parser
+    from onnx_tools.cli.commands import _image_options
+
+    base = [command, "m.onnx", "--data", "images/"]
+    base += ["-o", "o.onnx"] if command == "recalibrate" else ["-o", "s.json"]
+    parser = build_parser()
+    assert _image_options(parser.parse_args(base)) is None  # defaults: ImageOptions()'s own
+    opts = _image_options(parser.parse_args([*base, "--decode-threads", "3", "--no-jpeg-draft"]))
+    assert (opts.threads, opts.jpeg_draft) == (3, False)
+    with pytest.raises(SystemExit):
+        parser.parse_args([*base, "--decode-threads", "0"])
