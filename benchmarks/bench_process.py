@@ -68,7 +68,7 @@ from onnx_tools.rewrite import build_collection_model
 from onnx_tools.session import make_session
 analysis = analyze_model(args.model)
 t_load = time.perf_counter()
-cm = build_collection_model(analysis.model, bns=analysis.batchnorms)
+cm = build_collection_model(analysis.model, bns=analysis.batchnorms, training_kernel=True, batch_size=64)
 t_rewrite = time.perf_counter()
 make_session(cm.model, "cpu")
 t_session = time.perf_counter()

@@ -115,31 +115,42 @@ def plain_inference(model_path, x, b):
     return lambda: [sess.run(None, {"x": t}) for t in _batches(x, b)]
 
 
-def plain_unfolded(model_path, x, b):
-    """Inference with each BN's mean/var as run-time inputs: onnxruntime cannot fold them."""
+def unfolded(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` with each BN's mean/var as graph inputs, and the feeds giving them.
+
+    onnxruntime cannot fold such a BN into the Conv before it: the floor of any graph that
+    normalizes with statistics known only at run time.
+    """
     from onnx import helper
 
-    model = onnx.load(model_path)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     feeds = {}
-    for bn in find_batchnorms(model):
-        node = model.graph.node[bn.index]
+    for bn in find_batchnorms(copy):
+        node = copy.graph.node[bn.index]
         for j, role in ((3, "mean"), (4, "var")):
             name = f"bench_{role}_{bn.index}"
             feeds[name] = np.asarray(bn.values[role], np.float32)
             node.input[j] = name
-            model.graph.input.append(helper.make_tensor_value_info(name, 1, [len(feeds[name])]))
+            copy.graph.input.append(helper.make_tensor_value_info(name, 1, [len(feeds[name])]))
+    return copy, feeds
+
+
+def plain_unfolded(model_path, x, b):
+    """Inference with each BN's mean/var as run-time inputs: onnxruntime cannot fold them."""
+    model, feeds = unfolded(onnx.load(model_path))
     sess, _ = make_session(model, "cpu")
     return lambda: [sess.run(None, {"x": t, **feeds}) for t in _batches(x, b)]
 
 
 def collect_graph(model_path, x, b):
-    """Only the collection model's session.run (no data layer, no aggregation)."""
+    """Only the collection model's session.run, as bnref-onnx builds it for the CPU."""
     from onnx_tools.rewrite import build_collection_model
 
-    cm = build_collection_model(onnx.load(model_path))
+    cm = build_collection_model(onnx.load(model_path), training_kernel=True, batch_size=b)
     sess, _ = make_session(cm.model, "cpu")
     names = cm.output_names
-    return lambda: [sess.run(names, {"x": t}) for t in _batches(x, b)]
+    return lambda: [sess.run(names, {"x": t, **cm.feeds}) for t in _batches(x, b)]
 
 
 def naive_route(model_path, x, b):
@@ -148,7 +159,7 @@ def naive_route(model_path, x, b):
 
     from onnx_tools.rewrite import build_collection_model
 
-    cm = build_collection_model(onnx.load(model_path))
+    cm = build_collection_model(onnx.load(model_path), training_kernel=True, batch_size=b)
     model = cm.model
     taps = [bn.input for bn in cm.bns]
     del model.graph.output[:]
@@ -160,7 +171,7 @@ def naive_route(model_path, x, b):
 
         aggs = [bnref.PreciseBN() for _ in taps]
         for t in _batches(x, b):
-            for agg, v in zip(aggs, sess.run(taps, {"x": t}), strict=True):
+            for agg, v in zip(aggs, sess.run(taps, {"x": t, **cm.feeds}), strict=True):
                 axes = (0, *range(2, v.ndim))
                 mean = v.mean(axis=axes, dtype=np.float64)
                 shape = (1, -1) + (1,) * (v.ndim - 2)

@@ -1,6 +1,8 @@
 """Run the collection model with onnxruntime and aggregate per-batch BN statistics.
 
-Per batch and per selected BN the collection model returns the batch mean, the biased batch
+The collection model (:mod:`onnx_tools.rewrite`) uses onnxruntime's training-mode
+BatchNormalization kernel where the session runs on the CPU alone, primitive operators
+elsewhere. Per batch and per selected BN it returns the batch mean, the biased batch
 variance (both of length C) and the shape ``(N, C, *spatial)`` of the BN input, so the
 number of values per channel is ``n = N * prod(spatial)``. Each becomes
 ``bnref.Moments.from_mean_var(mean, var, n, ddof=0)`` and feeds one ``bnref.PreciseBN`` per
@@ -24,10 +26,10 @@ import numpy as np
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.data import BatchPlan, DataSource, DataSummary, ImageOptions, InputSpec, open_data
-from onnx_tools.errors import DataError
+from onnx_tools.errors import DataError, ModelError
 from onnx_tools.options import check_estimator
 from onnx_tools.rewrite import CollectionModel, build_collection_model
-from onnx_tools.session import make_session
+from onnx_tools.session import cpu_only, make_session
 from onnx_tools.stats import BNStats, CollectedStats
 
 logger = logging.getLogger(__name__)
@@ -135,6 +137,8 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
     bar = _progress(total, progress)
     try:
         for index, feed in batches:
+            if cm.feeds:  # the training kernels' unused running statistics
+                feed = {**feed, **cm.feeds}
             _aggregate(cm, _run(session, names, feed, index), aggs, index)
             if bar is not None:
                 bar.update(1)
@@ -148,12 +152,45 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
             bar.close()
 
 
+def _session(cm: CollectionModel, provider: str,
+             build: Callable[[bool], CollectionModel]) -> tuple[Any, str, CollectionModel]:
+    """A session of ``cm``, and the model it runs.
+
+    Where onnxruntime cannot load ``cm``'s training-mode kernels (a build without training
+    support), the primitive-operator model is built and run instead.
+    """
+    if cm.feeds:
+        try:
+            return (*make_session(cm.model, provider), cm)
+        except ModelError as err:
+            logger.info("onnxruntime cannot run its training-mode BatchNormalization kernel "
+                        "(%s); collecting with primitive operators", err)
+            cm = build(False)
+    return (*make_session(cm.model, provider), cm)
+
+
 def _report_summary(summary: DataSummary) -> None:
     if summary.dropped:
         logger.info(
             "dropped a final partial batch of %d sample(s) (keep it with keep_partial, --keep-partial)",
             summary.dropped,
         )
+
+
+def _run_record(plan: BatchPlan, include: str | None, exclude: str | None,
+                summary: DataSummary) -> dict[str, Any]:
+    """How the samples were chosen, as the STATS file records it."""
+    run: dict[str, Any] = {
+        "num_samples_limit": plan.num_samples,
+        "shuffle": bool(plan.shuffle),
+        "seed": int(plan.seed) if plan.shuffle else None,
+        "keep_partial": bool(plan.keep_partial),
+        "include": include,
+        "exclude": exclude,
+    }
+    if summary.num_skipped:  # skip_bad_images: which samples the run left out
+        run["skipped_images"] = {"count": summary.num_skipped, "first": list(summary.skipped)}
+    return run
 
 
 def _collected(cm: CollectionModel, aggs: dict[str, bnref.PreciseBN], summary: DataSummary,
@@ -195,6 +232,7 @@ def collect(
     exclude: str | None = None,
     shard: tuple[int, int] | None = None,
     image_options: ImageOptions | None = None,
+    prefetch: bool = True,
     progress: bool | None = False,
 ) -> CollectedStats:
     """Collect Precise BatchNorm statistics of ``model`` over ``data``.
@@ -217,6 +255,9 @@ def collect(
         exclude: regular expression; BNs whose node or output name matches are skipped.
         shard: ``(I, K)`` takes whole batches ``I, I+K, ...``.
         image_options: how an image folder becomes model input.
+        prefetch: prepare the next batch on a background thread while ``session.run`` works
+            (the batches are the same); ``False`` reads each batch on the calling thread, for
+            readers tied to the thread that made them (an ``sqlite3`` connection).
         progress: tqdm bar; ``None`` shows it on a terminal.
 
     Returns:
@@ -224,30 +265,25 @@ def collect(
     """
     check_estimator(estimator, bessel)
     analysis = analyze_model(model)
-    cm = build_collection_model(analysis.model, include=include, exclude=exclude,
-                                base_dir=analysis.loaded.base_dir, bns=analysis.batchnorms)
+
+    def build(training_kernel: bool) -> CollectionModel:
+        return build_collection_model(
+            analysis.model, include=include, exclude=exclude, base_dir=analysis.loaded.base_dir,
+            bns=analysis.batchnorms, training_kernel=training_kernel, batch_size=batch_size)
+
+    cm = build(cpu_only(provider))
     source = _open_source(analysis, data, image_options)
     plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
                      keep_partial=keep_partial, shard=shard,
                      min_batch_size=_min_batch_size(cm, batch_size))
     source.check(plan)  # the data fits (first feed of a reader), before the session is built
-    session, used = make_session(cm.model, provider)
+    session, used, cm = _session(cm, provider, build)
     logger.info("collecting with onnxruntime on %s", used.upper())
-    batches = source.batches(plan, ahead=PREFETCH)
+    batches = source.batches(plan, ahead=PREFETCH if prefetch else 0)
     _warn_small_batch(source.summary.batch_size, any(s.static_batch for s in source.specs))
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
     _run_all(session, cm, batches, aggs, source.count_batches(plan), progress)
     _report_summary(source.summary)
-    run = {
-        "num_samples_limit": num_samples,
-        "shuffle": bool(shuffle),
-        "seed": int(seed) if shuffle else None,
-        "keep_partial": bool(keep_partial),
-        "include": include,
-        "exclude": exclude,
-    }
-    if source.summary.num_skipped:  # skip_bad_images: which samples the run left out
-        run["skipped_images"] = {"count": source.summary.num_skipped,
-                                 "first": list(source.summary.skipped)}
-    return _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns), estimator, bessel,
-                      shard, run, used)
+    return _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns),
+                      estimator, bessel, shard, _run_record(plan, include, exclude, source.summary),
+                      used)

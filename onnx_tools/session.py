@@ -13,7 +13,6 @@ from onnx_tools.options import PROVIDERS
 logger = logging.getLogger(__name__)
 
 
-
 def runnable_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model``, or a copy whose graph inputs declare no dimension as ``dim_value <= 0``.
 
@@ -37,6 +36,22 @@ def runnable_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
                 if d.HasField("dim_value") and d.dim_value <= 0:
                     d.ClearField("dim_value")
     return copy
+
+
+def cpu_only(provider: str = "auto") -> bool:
+    """Whether a session for ``provider`` runs on onnxruntime's CPU provider alone.
+
+    True for ``cpu``, and for ``auto`` when this onnxruntime build has no CUDA provider. (With
+    CUDA built in, ``auto`` may still end up on the CPU when CUDA cannot start; that is only
+    known once a session exists.)
+    """
+    if provider == "cpu":
+        return True
+    if provider != "auto":
+        return False
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" not in ort.get_available_providers()
 
 
 def make_session(model: onnx.ModelProto, provider: str = "auto"):

@@ -59,6 +59,7 @@ def _collect_kwargs(args: argparse.Namespace) -> dict:
         "include": args.include,
         "exclude": args.exclude,
         "image_options": _image_options(args),
+        "prefetch": not args.no_prefetch,
         "progress": None if not args.quiet else False,
     }
 

@@ -98,6 +98,9 @@ def _add_collection(p: argparse.ArgumentParser) -> None:
                    help="keep a final batch smaller than --batch-size (dropped by default)")
     g.add_argument("--include", metavar="REGEX", help="only BN whose node/output name matches")
     g.add_argument("--exclude", metavar="REGEX", help="skip BN whose node/output name matches")
+    g.add_argument("--no-prefetch", action="store_true",
+                   help="read each batch on the main thread instead of one batch ahead on a "
+                   "background thread (for readers tied to their thread, e.g. sqlite3)")
     _add_images(p)
 
 

@@ -19,6 +19,7 @@ import itertools
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ class ReaderSource(DataSource):
             except Exception as exc:
                 raise DataError(
                     f"data reader raised at batch {index}: {type(exc).__name__}: {exc}"
+                    + _thread_hint()
                 ) from exc
             feed, rows = self._convert(item, item_index, index)
             item_index += 1
@@ -187,6 +189,15 @@ class ReaderSource(DataSource):
                 yield index, take_rows(pending, pending_rows, pending_rows)[0]
             else:
                 self._summary.dropped = pending_rows
+
+
+def _thread_hint() -> str:
+    """Where a reader failed off the main thread: how to keep it on the calling thread."""
+    if threading.current_thread() is threading.main_thread():
+        return ""
+    return (" (the reader was called on a background thread, one batch ahead; prefetch=False, "
+            "--no-prefetch, calls it on the calling thread, for readers tied to the thread that "
+            "made them)")
 
 
 def take_rows(pending: list[Feed], rows: int, size: int) -> tuple[Feed, list[Feed], int]:

@@ -1,44 +1,62 @@
 """Build the *collection model*: selected BNs normalize with their own batch statistics.
 
-For each selected BN the rewrite inserts, before the (kept, inference-mode) BN node, the
-staged two-pass reduction of its input to the batch mean and biased batch variance, feeds
-those to the BN, and makes them (and ``Shape(X)``) the graph outputs, so only vectors of
-length C leave the runtime. The formula is training-mode BN (eps inside the square root,
-biased variance); it never uses ``training_mode=1``, which onnxruntime's CUDA provider refuses
-from opset 14 and whose CPU kernel writes the running statistics into its (possibly shared)
-inputs.
+Each selected BN computes its input's batch mean and biased batch variance, normalizes with
+them (training-mode BN: eps inside the square root, biased variance), and the two (and
+``Shape(X)``) become graph outputs, so only vectors of length C leave the runtime. Two routes:
 
-* :mod:`onnx_tools.rewrite.plan` — how each input is reduced: float32 stages of at most
-  :data:`STAGE_LIMIT` values, or float64 where no staging bounds the error; the input types.
-* :mod:`onnx_tools.rewrite.emit` — the nodes for one BN (mean, deviations, sum of squares
-  by fused MatMul or ReduceSumSquare, float16 through float32).
+* *training kernel* (onnxruntime's CPU provider only): the BN node becomes onnxruntime's own
+  training-mode BatchNormalization with ``momentum=0``, so its running outputs are the batch
+  statistics. Its mean/var inputs are fresh graph inputs, never initializers: the CPU kernel
+  aliases its running outputs onto them, and onnxruntime merges equal initializers (a fresh
+  model's var with its scale). Used for BN inputs of at most 2^20 values per batch (it runs
+  on one thread; larger inputs go faster on the primitive route's threads) where its float32
+  sums are as exact as the primitive route's (:func:`~onnx_tools.rewrite.plan.training_kernel_fits`).
+* *primitive operators* (every provider; CUDA refuses ``training_mode=1`` from opset 14):
+  before the kept, inference-mode BN, the staged two-pass reduction of its input.
+
+* :mod:`onnx_tools.rewrite.plan` — which route fits, and how each input is reduced on the
+  primitive route: float32 stages of at most :data:`STAGE_LIMIT` values, or float64 where no
+  staging bounds the error; the input types.
+* :mod:`onnx_tools.rewrite.emit` — the nodes for one BN (the training kernel; or mean,
+  deviations, sum of squares by fused MatMul or ReduceSumSquare, float16 through float32).
 * :mod:`onnx_tools.rewrite.model` — :func:`build_collection_model`: selection, checks, and
   splicing the nodes into a copy of the model, with an explicit BN -> outputs map.
 
-The cost on onnxruntime's CPU provider (profiled): the statistics are three passes over X (a
-ReduceMean, the Sub, the sum of squares); BatchNormalization is one more. Most of the
-remaining gap to plain inference is not the statistics but the lost Conv+BN fold: with
-run-time mean/var the BN cannot join the NCHWc convolution, so each BN input is reordered out
-of and back into the blocked layout and Relu/Add run unfused. bfloat16 is refused
-(onnxruntime's CPU build has no bfloat16 kernels).
+The cost on onnxruntime's CPU provider (profiled, ``benchmarks/bench_graph.py``): on the
+primitive route the statistics are three passes over X (a ReduceMean, the Sub, the sum of
+squares) and about ten nodes per BN; BatchNormalization is one more pass. The training kernel
+does the same passes in one node. What remains of the gap to plain inference is the lost
+Conv+BN fold: with batch statistics the BN cannot join the NCHWc convolution, so each BN input
+is reordered out of and back into the blocked layout and Relu/Add run unfused. bfloat16 is
+refused (onnxruntime's CPU build has no bfloat16 kernels).
 """
 
 from onnx_tools.rewrite.model import (
+    PRIMITIVE,
+    TRAINING_KERNEL,
     CollectionModel,
     StatOutputs,
     build_collection_model,
     select_batchnorms,
     upgrade_old_opset,
 )
-from onnx_tools.rewrite.plan import STAGE_LIMIT, ReductionPlan, plan_reduction
+from onnx_tools.rewrite.plan import (
+    STAGE_LIMIT,
+    ReductionPlan,
+    plan_reduction,
+    training_kernel_fits,
+)
 
 __all__ = [
+    "PRIMITIVE",
     "STAGE_LIMIT",
+    "TRAINING_KERNEL",
     "CollectionModel",
     "ReductionPlan",
     "StatOutputs",
     "build_collection_model",
     "plan_reduction",
     "select_batchnorms",
+    "training_kernel_fits",
     "upgrade_old_opset",
 ]

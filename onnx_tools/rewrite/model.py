@@ -22,8 +22,19 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_tools.batchnorms import BatchNormInfo, batchnorms_in_subgraphs, find_batchnorms
 from onnx_tools.errors import ModelError
 from onnx_tools.graph import UniqueNamer, domain_opset
-from onnx_tools.rewrite.emit import Emitter, emit_normalization, emit_statistics
-from onnx_tools.rewrite.plan import STAGE_LIMIT, TypeAndDims, bn_input_types, plan_reduction
+from onnx_tools.rewrite.emit import (
+    Emitter,
+    emit_normalization,
+    emit_statistics,
+    emit_training_kernel,
+)
+from onnx_tools.rewrite.plan import (
+    STAGE_LIMIT,
+    TypeAndDims,
+    bn_input_types,
+    plan_reduction,
+    training_kernel_fits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +44,22 @@ EXPORT_ADVICE_SHORT = (
 )
 
 
+#: How a BN's statistics are computed (:attr:`StatOutputs.route`).
+TRAINING_KERNEL = "training_kernel"  # onnxruntime's CPU training-mode BatchNormalization
+PRIMITIVE = "primitive"  # staged ReduceMean / Sub / MatMul, then inference-mode BN
+
+
 @dataclass(frozen=True)
 class StatOutputs:
-    """Graph output names carrying one BN's batch statistics: mean, variance, ``Shape(X)``."""
+    """Graph output names carrying one BN's batch statistics: mean, variance, ``Shape(X)``.
+
+    ``route`` says which nodes compute them: :data:`TRAINING_KERNEL` or :data:`PRIMITIVE`.
+    """
 
     mean: str
     var: str
     shape: str
+    route: str = PRIMITIVE
 
 
 @dataclass
@@ -48,13 +68,16 @@ class CollectionModel:
 
     ``outputs`` maps BN key (output tensor name) to its :class:`StatOutputs`, so results are
     never paired by parsing names; ``input_types`` the element type and dimensions of each
-    selected BN's input, by input name, as the rewrite planned them.
+    selected BN's input, by input name, as the rewrite planned them; ``feeds`` the constant
+    values of the graph inputs the rewrite added (the training kernel's unused running
+    statistics), to pass to every ``session.run`` beside the data.
     """
 
     model: onnx.ModelProto
     bns: list[BatchNormInfo]
     outputs: dict[str, StatOutputs]
     input_types: dict[str, TypeAndDims] = field(default_factory=dict)
+    feeds: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def output_names(self) -> list[str]:
@@ -157,10 +180,25 @@ def _check_supported(bn: BatchNormInfo, elem: int | None, consumers: set[str]) -
         )
 
 
+def _training_kernel_applies(bn: BatchNormInfo, info: TypeAndDims, batch_size: int | None) -> bool:
+    """The BN can run as onnxruntime's training-mode kernel without losing accuracy."""
+    elem, dims = info
+    if bn.channels is None or not training_kernel_fits(elem, dims, batch_size):
+        return False
+    # The kernel wants mean/var of X's type (opset 15 allows others; onnxruntime's CPU does not).
+    stored = [bn.values.get(role) for role in ("scale", "bias", "mean", "var")]
+    return all(v is None or v.dtype == helper.tensor_dtype_to_np_dtype(elem) for v in stored)
+
+
 def _rewrite_bn(em: Emitter, node: onnx.NodeProto, bn: BatchNormInfo, info: TypeAndDims,
-                stage_limit: int, flat: str) -> tuple[StatOutputs, int]:
+                stage_limit: int, flat: str, training_kernel: bool,
+                batch_size: int | None) -> tuple[StatOutputs, int]:
     """Emit one BN's statistics and normalization; return its outputs and their type."""
     elem, dims = info
+    if training_kernel and _training_kernel_applies(bn, info, batch_size):
+        mean, var = emit_training_kernel(em, node, int(elem), int(bn.channels), em.opset)
+        shape = em.node("Shape", [bn.input], "shape")
+        return StatOutputs(mean, var, shape, TRAINING_KERNEL), int(elem)
     half = elem == TensorProto.FLOAT16
     # The type the BN node normalizes in, and the type the statistics accumulate in.
     ntype = TensorProto.DOUBLE if elem == TensorProto.DOUBLE else TensorProto.FLOAT
@@ -185,10 +223,11 @@ def _rewrite_bn(em: Emitter, node: onnx.NodeProto, bn: BatchNormInfo, info: Type
 
 
 def _assemble(out: onnx.ModelProto, new_nodes: dict[int, list[onnx.NodeProto]],
-              inits: list[TensorProto], outputs: dict[str, StatOutputs],
-              ctypes: dict[str, int]) -> None:
-    """Splice the new nodes in, replace the graph outputs by the statistics."""
+              inits: list[TensorProto], inputs: list[onnx.ValueInfoProto],
+              outputs: dict[str, StatOutputs], ctypes: dict[str, int]) -> None:
+    """Splice the new nodes and inputs in, replace the graph outputs by the statistics."""
     graph = out.graph
+    graph.input.extend(inputs)
     rebuilt: list[onnx.NodeProto] = []
     for i, node in enumerate(graph.node):
         rebuilt.extend(new_nodes.get(i, [node]))
@@ -216,12 +255,18 @@ def build_collection_model(
     base_dir: str | None = None,
     stage_limit: int = STAGE_LIMIT,
     bns: list[BatchNormInfo] | None = None,
+    training_kernel: bool = False,
+    batch_size: int | None = None,
 ) -> CollectionModel:
     """Rewrite the selected BNs of ``model`` (not modified) into training-mode form.
 
     ``bns``: the model's BNs when the caller already found them (``find_batchnorms``), so
     they are not searched again. ``stage_limit`` is the longest float32 accumulation
-    (:func:`~onnx_tools.rewrite.plan.plan_reduction`). Raises :class:`ModelError` for a model
+    (:func:`~onnx_tools.rewrite.plan.plan_reduction`). ``training_kernel``: the model will
+    run on onnxruntime's CPU provider only, so each BN within the bounds of
+    :func:`~onnx_tools.rewrite.plan.training_kernel_fits` (for batches of ``batch_size``
+    where the model's batch dimension is dynamic) uses onnxruntime's training-mode kernel;
+    the rest, and every BN without it, get the primitive-operator route. Raises :class:`ModelError` for a model
     without (selected) BN, a BN inside an If/Loop/Scan body, a BN with training_mode=1 or
     spatial=0, extra BN outputs that something reads, or bfloat16 inputs.
     """
@@ -235,6 +280,8 @@ def build_collection_model(
     consumers |= {o.name for o in graph.output}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
     inits: list[TensorProto] = []
+    inputs: list[onnx.ValueInfoProto] = []
+    feeds: dict[str, np.ndarray] = {}
     outputs: dict[str, StatOutputs] = {}
     ctypes: dict[str, int] = {}
     flat = namer("bnref_flat_shape")
@@ -243,8 +290,14 @@ def build_collection_model(
     for bn in chosen:
         _check_supported(bn, info[bn.input][0], consumers)
         em = Emitter(namer(f"bnref_{len(outputs)}"), opset, namer, inits)
-        stat, ctype = _rewrite_bn(em, graph.node[bn.index], bn, info[bn.input], stage_limit, flat)
+        stat, ctype = _rewrite_bn(em, graph.node[bn.index], bn, info[bn.input], stage_limit, flat,
+                                  training_kernel, batch_size)
         new_nodes[bn.index] = em.nodes
+        inputs += em.inputs
+        feeds.update(em.feeds)
         outputs[bn.key], ctypes[bn.key] = stat, ctype
-    _assemble(out, new_nodes, inits, outputs, ctypes)
-    return CollectionModel(out, chosen, outputs, info)
+    _assemble(out, new_nodes, inits, inputs, outputs, ctypes)
+    routes = [o.route for o in outputs.values()]
+    logger.debug("collection model: %d BN(s) by onnxruntime's training-mode kernel, %d by "
+                 "primitive operators", routes.count(TRAINING_KERNEL), routes.count(PRIMITIVE))
+    return CollectionModel(out, chosen, outputs, info, feeds)

@@ -38,6 +38,13 @@ MATMUL_MIN_ROW = 512
 #: the split is not worth it and the BN's statistics are accumulated in float64 instead.
 MIN_SPLIT = 64
 
+#: Bounds within which onnxruntime's CPU training-mode BatchNormalization kernel accumulates
+#: float32 statistics as exactly as the primitive route (see :func:`training_kernel_exact`).
+TRAINING_KERNEL_MAX_BATCH = 256
+TRAINING_KERNEL_MAX_ROW = 65536
+#: Largest BN input per batch (values) given to that kernel (see :func:`training_kernel_fits`).
+TRAINING_KERNEL_MAX_VALUES = 2**20
+
 #: Element type (``TensorProto`` enum or None) and dimensions (None where dynamic; None as a
 #: whole when the rank is unknown) of one tensor.
 TypeAndDims = tuple[int | None, list[int | None] | None]
@@ -170,3 +177,49 @@ def bn_input_types(model: onnx.ModelProto, bns: list[BatchNormInfo]) -> dict[str
             elem = helper.np_dtype_to_tensor_dtype(bn.values["scale"].dtype)
         info[bn.input] = (elem, dims)
     return info
+
+
+def training_kernel_exact(elem: int | None, dims: list[int | None] | None,
+                          batch_size: int | None) -> bool:
+    """Whether onnxruntime's CPU training-mode BN kernel is exact enough for this BN input.
+
+    The kernel sums each (sample, channel) row with Eigen's vectorized sum and adds the rows
+    of a channel one after another, in the input's type. In float64 that is exact enough at
+    any size. In float32, measured against float64 on offset (1e3 + noise) and non-negative
+    data, the relative error of the batch mean and biased variance stays <= 8e-7 up to
+    batches of :data:`TRAINING_KERNEL_MAX_BATCH` and rows of :data:`TRAINING_KERNEL_MAX_ROW`
+    values (16.7 million values per channel), but reaches 1.3e-6 at 1024 x 4096, 1.1e-6 at
+    256 x 90000 and 2.7e-6 at 128 x 262144. So float32 needs a known rank, static spatial
+    dimensions whose product is at most that many values, and a batch (static, else
+    ``batch_size``) at most that large; ``tests/onnx_tools/test_training_kernel.py`` holds
+    the installed onnxruntime to this at the corner.
+    """
+    if elem == onnx.TensorProto.DOUBLE:
+        return True
+    if elem != onnx.TensorProto.FLOAT or dims is None or len(dims) < 2:
+        return False
+    spatial = dims[2:]
+    if any(d is None for d in spatial) or int(np.prod(spatial, dtype=np.int64)) > TRAINING_KERNEL_MAX_ROW:
+        return False
+    batch = dims[0] if dims[0] is not None else batch_size
+    return batch is not None and batch <= TRAINING_KERNEL_MAX_BATCH
+
+
+def training_kernel_fits(elem: int | None, dims: list[int | None] | None,
+                         batch_size: int | None) -> bool:
+    """Whether this BN input should run as onnxruntime's CPU training-mode kernel.
+
+    It must be exact enough (:func:`training_kernel_exact`) and small: at most
+    :data:`TRAINING_KERNEL_MAX_VALUES` values per batch. The kernel is one node where the
+    primitive route has about ten, but it runs on one thread, while the primitive route's
+    reductions and subtraction use every intra-op thread. Measured on 2 cores (Conv-BN-Relu
+    pairs, batch 64, ``benchmarks/bench_graph.py``): the kernel takes 0.79x the primitive
+    route's time at 6.5e4 values, 0.92-0.96x at 5e5-1e6 and 0.92-1.01x beyond; with more cores
+    the one thread falls behind on large inputs, where the node overhead it saves is small.
+    """
+    if not training_kernel_exact(elem, dims, batch_size) or dims is None or len(dims) < 2:
+        return False
+    batch = dims[0] if dims[0] is not None else batch_size
+    if batch is None or any(d is None for d in dims[1:]):
+        return False
+    return int(batch) * int(np.prod(dims[1:], dtype=np.int64)) <= TRAINING_KERNEL_MAX_VALUES

@@ -445,3 +445,45 @@ def test_jpeg_draft_is_an_image_option(tmp_path, drafts):
     x_on = next(on.batches(BatchPlan(batch_size=1)))[1]["x"]
     assert len(drafts) == 1 and drafts[0][1] == (350, 350)  # 1/4: 350 >= 2.5 x 73
     assert np.abs(x_on - x_off).mean() * 0.226 * 255 <= 1.0  # in 8-bit levels
+
+
+SQLITE_READER = '''
+import sqlite3
+import numpy as np
+
+def make():
+    """Feeds from an in-memory sqlite3 database: its objects refuse any thread but their own."""
+    x = np.load(__file__.replace("sqlite_reader.py", "calib.npy"))
+    db = sqlite3.connect(":memory:")
+    db.execute("create table batches (i integer, data blob)")
+    db.executemany("insert into batches values (?, ?)",
+                   [(i, x[i:i + 4].tobytes()) for i in range(0, len(x), 4)])
+    for (blob,) in db.execute("select data from batches order by i"):
+        yield {"x": np.frombuffer(blob, np.float32).reshape(-1, *x.shape[1:])}
+'''
+
+
+def test_a_reader_tied_to_its_thread_fails_clearly_and_runs_with_no_prefetch(tmp_path):
+    """A sqlite3 cursor cannot move to the thread working ahead: one line naming the way out."""
+    from tests.onnx_tools.helpers import run_cli, stored_stats, write_cnn_files
+
+    model, data = write_cnn_files(tmp_path)
+    (tmp_path / "sqlite_reader.py").write_text(SQLITE_READER)
+    reader = f"{tmp_path / 'sqlite_reader.py'}:make"
+    out = tmp_path / "out.onnx"
+    code, _, err = run_cli("recalibrate", model, "--data", reader, "-o", out, "--batch-size", "8")
+    assert code == 1 and not out.exists()
+    errors = [line for line in err.splitlines() if line.startswith("bnref-onnx: error")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "ProgrammingError" in errors[0] and "--no-prefetch" in errors[0]
+    code, _, err = run_cli("recalibrate", model, "--data", reader, "-o", out, "--batch-size", "8",
+                           "--no-prefetch")
+    assert code == 0, err
+    code, _, err = run_cli("recalibrate", model, "--data", data, "-o", tmp_path / "ref.onnx",
+                           "--batch-size", "8")
+    assert code == 0, err
+    feed = {"x": cnn_data()[:2]}
+    got, want = stored_stats(out, feed), stored_stats(tmp_path / "ref.onnx", feed)
+    for key in want:  # the same batches: the same statistics, bit for bit
+        for a, b in zip(got[key], want[key], strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -51,7 +51,7 @@ def batch_stats(model: onnx.ModelProto, x: np.ndarray, *, with_y: bool = False, 
         cm.model.graph.output.append(helper.make_tensor_value_info("y", elem, None))
         names = [*names, "y"]
     session, _ = make_session(cm.model, "cpu")
-    return session.run(names, {"x": x})
+    return session.run(names, {"x": x, **cm.feeds})
 
 
 def reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,7 +180,8 @@ def test_1e8_values_per_channel():
 # --------------------------------------------------------------------------- constant channels
 
 
-def test_constant_channels_have_zero_variance_and_finite_output():
+@pytest.mark.parametrize("training_kernel", [False, True], ids=["primitive", "training-kernel"])
+def test_constant_channels_have_zero_variance_and_finite_output(training_kernel):
     """Channels that never vary: variance 0 (or rounding of the constant), Y = bias, no NaN."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(16, 4, 8, 8)).astype(np.float32)
@@ -188,7 +189,8 @@ def test_constant_channels_have_zero_variance_and_finite_output():
     x[:, 1] = 0.0
     x[:, 2] = 0.1          # the float32 mean may round by an ulp: variance ~ulp²
     x[:, 3] = 1000.1
-    mean, var, y = batch_stats(bn_model(["N", 4, 8, 8]), x, with_y=True)
+    mean, var, y = batch_stats(bn_model(["N", 4, 8, 8]), x, with_y=True,
+                               training_kernel=training_kernel, batch_size=16)
     assert var[0] == 0.0 and var[1] == 0.0
     ulp = np.spacing(np.abs(x[0, :, 0, 0]))
     assert np.all(var >= 0.0)
