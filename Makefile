@@ -20,7 +20,7 @@ help:
 	@echo "make fuzz        long hypothesis runs (profile 'fuzz') of the property and fuzz suites"
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
-	@echo "make bench       kernel and recalibration benchmarks -> benchmarks/results/*.json"
+	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the README tables"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ experiment: $(STAMP_DEMO)
 bench: $(STAMP_FW)
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_recalibrate.py
+	$(PY) benchmarks/bench_process.py
+	$(PY) benchmarks/bench_graph.py --models resnet_like resnet18 mobilenet_v3_small
+	$(PY) benchmarks/bench_images.py
+	$(PY) scripts/update_readme.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info

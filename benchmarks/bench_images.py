@@ -146,21 +146,23 @@ from onnx_tools.rewrite import build_collection_model
 from onnx_tools.session import make_session
 model, folder, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 analysis = analyze_model(model)
-cm = build_collection_model(analysis.model, bns=analysis.batchnorms)
+cm = build_collection_model(analysis.model, bns=analysis.batchnorms, training_kernel=True,
+                            batch_size=batch)  # as the tool builds it for a CPU session
 source = open_data(folder, InputSpec.from_model(analysis.model))
 t = time.perf_counter()
 feeds = [feed for _, feed in source.batches(BatchPlan(batch_size=batch))]
 decode = time.perf_counter() - t
-def timed(session, names):
-    session.run(names, feeds[0])  # warm-up, not counted
+def timed(session, names, extra):
+    session.run(names, {**feeds[0], **extra})  # warm-up, not counted
     t = time.perf_counter()
     for feed in feeds:
-        session.run(names, feed)
+        session.run(names, {**feed, **extra})
     return time.perf_counter() - t
 collection, _ = make_session(cm.model, "cpu")
 original, _ = make_session(analysis.model, "cpu")
-print(json.dumps({"decode": decode, "collection_session": timed(collection, cm.output_names),
-                  "original_session": timed(original, None), "batches": len(feeds)}))
+print(json.dumps({"decode": decode,
+                  "collection_session": timed(collection, cm.output_names, cm.feeds),
+                  "original_session": timed(original, None, {}), "batches": len(feeds)}))
 """
 
 

@@ -106,27 +106,41 @@ def _row_length(em: Emitter, x: str, plan: ReductionPlan, ctype: int) -> str:
 
 def emit_statistics(em: Emitter, x: str, plan: ReductionPlan, ctype: int,
                     flat: str) -> tuple[str, str]:
-    """Emit the staged two-pass batch mean and biased variance of ``x``; return (C,) names."""
+    """Emit the staged two-pass batch mean and biased variance of ``x``; return float64 (C,).
+
+    The per-sample stages accumulate in ``ctype``; the last step, over the first axis, always
+    in float64: that axis is the batch only as far as shape inference can tell, and after a
+    ``Reshape(-1, C)`` or a fold of time into the batch it may hold 10^5 rows, where a float32
+    sum of per-sample means with an offset loses the mean (and through it the variance). The
+    per-sample results are small, so this costs a few casts of (N, C) values.
+    """
     if plan.reshape is not None:
         x = em.node("Reshape", [x, em.const(np.array(plan.reshape, np.int64), "rows_shape")],
                     "rows")
     t = x
     for k, axes in enumerate(plan.stages):
         t = em.reduce("ReduceMean", t, axes, f"mean_s{k}")
-    m = em.reduce("ReduceMean", t, [0], "mean_b")
+    wide = TensorProto.DOUBLE
+    m = em.reduce("ReduceMean", _as(em, t, ctype, wide, "mean_w"), [0], "mean_b")
     # Squared deviations from the batch mean, not E[x²]−E[x]²: no cancellation.
-    d = em.node("Sub", [x, m], "dev")
-    if not plan.stages:  # (N, C): a short batch axis only
-        v = em.reduce("ReduceMean", em.node("Mul", [d, d], "dev2"), [0], "var")
+    d = em.node("Sub", [x, _as(em, m, wide, ctype, "mean_c")], "dev")
+    if not plan.stages:  # (N, C): the first axis only (plan_reduction makes this plan wide)
+        d2 = _as(em, em.node("Mul", [d, d], "dev2"), ctype, wide, "dev2_w")
+        v = em.reduce("ReduceMean", d2, [0], "var")
     else:
         t = _row_sum_of_squares(em, d, plan, ctype)
         for k, axes in enumerate(plan.stages[1:], 1):
             t = em.reduce("ReduceMean", t, axes, f"ss_s{k}")
-        t = em.reduce("ReduceMean", t, [0], "ss_b")
-        v = em.node("Div", [t, _row_length(em, x, plan, ctype)], "var")
+        t = em.reduce("ReduceMean", _as(em, t, ctype, wide, "ss_w"), [0], "ss_b")
+        v = em.node("Div", [t, _row_length(em, x, plan, wide)], "var")
     mean = em.node("Reshape", [m, flat], "batch_mean")
     var = em.node("Reshape", [v, flat], "batch_var")
     return mean, var
+
+
+def _as(em: Emitter, x: str, have: int, want: int, tag: str) -> str:
+    """``x`` cast from type ``have`` to ``want`` (itself when they are the same)."""
+    return x if have == want else em.node("Cast", [x], tag, to=want)
 
 
 def emit_normalization(em: Emitter, node: onnx.NodeProto, x: str, mean: str, var: str,

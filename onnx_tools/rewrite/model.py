@@ -31,7 +31,7 @@ from onnx_tools.rewrite.emit import (
 from onnx_tools.rewrite.plan import (
     STAGE_LIMIT,
     TypeAndDims,
-    bn_input_types,
+    bn_input_shapes,
     plan_reduction,
     training_kernel_fits,
 )
@@ -204,7 +204,7 @@ def _rewrite_bn(em: Emitter, node: onnx.NodeProto, bn: BatchNormInfo, info: Type
     ntype = TensorProto.DOUBLE if elem == TensorProto.DOUBLE else TensorProto.FLOAT
     plan = plan_reduction(dims, stage_limit)
     ctype = TensorProto.DOUBLE if plan.wide else ntype
-    if plan.wide and ntype != TensorProto.DOUBLE:
+    if plan.wide and plan.stages and ntype != TensorProto.DOUBLE:  # (N, C) is cheap anyway
         logger.info("BatchNormalization %r: statistics accumulate in float64 (shape %s)",
                     bn.label, dims)
     x = bn.input
@@ -212,14 +212,14 @@ def _rewrite_bn(em: Emitter, node: onnx.NodeProto, bn: BatchNormInfo, info: Type
         # float16 squares overflow above ~256: reduce and normalize in float32.
         x = em.node("Cast", [x], "x32", to=TensorProto.FLOAT)
     xs = x if ctype == ntype else em.node("Cast", [x], "x64", to=ctype)
-    mean, var = emit_statistics(em, xs, plan, ctype, flat)
+    mean, var = emit_statistics(em, xs, plan, ctype, flat)  # float64
     shape = em.node("Shape", [bn.input], "shape")
     bn_mean, bn_var = mean, var
-    if ctype != ntype:
+    if ntype != TensorProto.DOUBLE:
         bn_mean = em.node("Cast", [mean], "mean_n", to=ntype)
         bn_var = em.node("Cast", [var], "var_n", to=ntype)
     emit_normalization(em, node, x, bn_mean, bn_var, half)
-    return StatOutputs(mean, var, shape), ctype
+    return StatOutputs(mean, var, shape), TensorProto.DOUBLE
 
 
 def _assemble(out: onnx.ModelProto, new_nodes: dict[int, list[onnx.NodeProto]],
@@ -275,7 +275,7 @@ def build_collection_model(
     out.CopyFrom(work)
     graph = out.graph
     namer = UniqueNamer(out)
-    info = bn_input_types(out, chosen)
+    info, batch_first = bn_input_shapes(out, chosen)
     consumers = {n for node in graph.node for n in node.input}
     consumers |= {o.name for o in graph.output}
     new_nodes: dict[int, list[onnx.NodeProto]] = {}
@@ -290,8 +290,10 @@ def build_collection_model(
     for bn in chosen:
         _check_supported(bn, info[bn.input][0], consumers)
         em = Emitter(namer(f"bnref_{len(outputs)}"), opset, namer, inits)
+        # A first axis not known to be the batch may hold any number of rows: no batch bound.
+        batch = batch_size if bn.input in batch_first else None
         stat, ctype = _rewrite_bn(em, graph.node[bn.index], bn, info[bn.input], stage_limit, flat,
-                                  training_kernel, batch_size)
+                                  training_kernel, batch)
         new_nodes[bn.index] = em.nodes
         inputs += em.inputs
         feeds.update(em.feeds)

@@ -9,8 +9,8 @@ stage then errs by ~1e-7 relative (measured: ≤ 3e-7 at 1.7·10⁷ values per c
 axis) the statistics accumulate in float64 instead (``ReductionPlan.wide``), at about twice
 the cost of that BN's statistics.
 
-:func:`bn_input_types` finds the element type and dimensions each plan is made from (the
-model's value_info, else onnx shape inference).
+:func:`bn_input_shapes` finds the element type and dimensions each plan is made from (the
+model's value_info, else onnx shape inference), and whether the first axis is the batch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 
 from onnx_tools.batchnorms import BatchNormInfo
-from onnx_tools.graph import tensor_type_and_dims
+from onnx_tools.graph import tensor_dims, tensor_type_and_dims
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ MIN_SPLIT = 64
 #: Bounds within which onnxruntime's CPU training-mode BatchNormalization kernel accumulates
 #: float32 statistics as exactly as the primitive route (see :func:`training_kernel_exact`).
 TRAINING_KERNEL_MAX_BATCH = 256
-TRAINING_KERNEL_MAX_ROW = 65536
+TRAINING_KERNEL_MAX_ROW = STAGE_LIMIT
 #: Largest BN input per batch (values) given to that kernel (see :func:`training_kernel_fits`).
 TRAINING_KERNEL_MAX_VALUES = 2**20
 
@@ -130,8 +130,8 @@ def plan_reduction(dims: list[int | None] | None, limit: int = STAGE_LIMIT) -> R
     """
     if dims is None or len(dims) < 2:
         return WIDE
-    if len(dims) == 2:
-        return ReductionPlan(None, (), None)
+    if len(dims) == 2:  # (N, C): all of it is the float64 sum over the first axis
+        return ReductionPlan(None, (), None, wide=True)
     if len(dims) == 3 and dims[2] is None:
         return WIDE  # e.g. a 1-D signal of unknown, possibly very long, length
     split = _split_long_axis(list(dims[2:]), limit)
@@ -149,15 +149,32 @@ def _value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {vi.name: vi for vi in [*graph.input, *graph.value_info, *graph.output]}
 
 
-def bn_input_types(model: onnx.ModelProto, bns: list[BatchNormInfo]) -> dict[str, TypeAndDims]:
-    """Element type and dimensions of each BN input X (shape inference where needed).
+def _first_dim_names(model: onnx.ModelProto) -> set[str]:
+    """Names of the symbolic first dimension of the graph inputs that are data (the batch)."""
+    inits = {t.name for t in model.graph.initializer}
+    names = set()
+    for vi in model.graph.input:
+        dims = None if vi.name in inits else tensor_dims(vi)
+        if dims and isinstance(dims[0], str):
+            names.add(dims[0])
+    return names
 
-    Without a declared type, X is taken to have the type of an initializer of that name or of
-    the BN's stored scale.
+
+def bn_input_shapes(model: onnx.ModelProto,
+                    bns: list[BatchNormInfo]) -> tuple[dict[str, TypeAndDims], set[str]]:
+    """Element type and dimensions of each BN input X, and which have the batch as first axis.
+
+    Shape inference runs where the model declares too little. Without a declared type, X is
+    taken to have the type of an initializer of that name or of the BN's stored scale. The
+    first axis is known to be the batch where it is static (its true size) or carries the
+    name of a graph input's first dimension (shape inference passes ``N`` through Conv, BN,
+    Relu ...); after a ``Reshape(-1, C)`` or a fold of time into the batch it is unnamed, or
+    named otherwise, and may be many times the batch.
     """
     wanted = {bn.input for bn in bns}
-    infos = _value_infos(model)
-    info = {name: tensor_type_and_dims(infos.get(name)) for name in wanted}
+    declared = _value_infos(model)
+    chosen = {name: declared.get(name) for name in wanted}
+    info = {name: tensor_type_and_dims(chosen[name]) for name in wanted}
     if any(t is None or d is None for t, d in info.values()):
         try:
             inferred = _value_infos(onnx.shape_inference.infer_shapes(model))
@@ -167,6 +184,8 @@ def bn_input_types(model: onnx.ModelProto, bns: list[BatchNormInfo]) -> dict[str
         for name in wanted:
             elem, dims = info[name]
             elem2, dims2 = tensor_type_and_dims(inferred.get(name))
+            if dims is None and dims2 is not None:
+                chosen[name] = inferred[name]
             info[name] = (elem or elem2, dims if dims is not None else dims2)
     inits = {t.name: t.data_type for t in model.graph.initializer}
     for bn in bns:
@@ -176,23 +195,32 @@ def bn_input_types(model: onnx.ModelProto, bns: list[BatchNormInfo]) -> dict[str
         if elem is None and bn.values.get("scale") is not None:
             elem = helper.np_dtype_to_tensor_dtype(bn.values["scale"].dtype)
         info[bn.input] = (elem, dims)
-    return info
+    batch_names = _first_dim_names(model)
+    batch_first = set()
+    for name in wanted:
+        dims = tensor_dims(chosen[name])
+        if dims and (isinstance(dims[0], int) or dims[0] in batch_names):
+            batch_first.add(name)
+    return info, batch_first
 
 
 def training_kernel_exact(elem: int | None, dims: list[int | None] | None,
                           batch_size: int | None) -> bool:
     """Whether onnxruntime's CPU training-mode BN kernel is exact enough for this BN input.
 
-    The kernel sums each (sample, channel) row with Eigen's vectorized sum and adds the rows
-    of a channel one after another, in the input's type. In float64 that is exact enough at
-    any size. In float32, measured against float64 on offset (1e3 + noise) and non-negative
-    data, the relative error of the batch mean and biased variance stays <= 8e-7 up to
-    batches of :data:`TRAINING_KERNEL_MAX_BATCH` and rows of :data:`TRAINING_KERNEL_MAX_ROW`
-    values (16.7 million values per channel), but reaches 1.3e-6 at 1024 x 4096, 1.1e-6 at
-    256 x 90000 and 2.7e-6 at 128 x 262144. So float32 needs a known rank, static spatial
-    dimensions whose product is at most that many values, and a batch (static, else
-    ``batch_size``) at most that large; ``tests/onnx_tools/test_training_kernel.py`` holds
-    the installed onnxruntime to this at the corner.
+    The kernel sums each (sample, channel) row with Eigen's vectorized float32 sum, then the
+    rows of a channel one after another. In float64 that is exact enough at any size. In
+    float32 the error of one long accumulation grows with its length, and fastest where the
+    values repeat (ReLU zeros, 8-bit pixels: equal terms round alike instead of cancelling):
+    at rows of 16384 and 65536 values the kernel's variance was 1.4e-5 and 4.5e-5 off on
+    ReLU'd normal data where the primitive route's staged sums stay at 7e-7 and 1.6e-6. Up to
+    rows of :data:`STAGE_LIMIT` values (the primitive route's own stage) and batches of
+    :data:`TRAINING_KERNEL_MAX_BATCH` the two agree (<= 1e-6 on offset data, 2e-6 on ReLU'd
+    data, for both). So float32 needs a known rank, static spatial dimensions within that
+    row, and a first axis known to hold at most that many rows (static, else ``batch_size``,
+    which the caller passes only where that axis is the batch);
+    ``tests/onnx_tools/test_training_kernel.py`` holds the installed onnxruntime to the
+    primitive route's accuracy at the corner.
     """
     if elem == onnx.TensorProto.DOUBLE:
         return True
