@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_images import _cpu_model  # noqa: E402
 from bench_recalibrate import _batches, build_torch_resnet, export, unfolded  # noqa: E402
 
 from onnx_tools.rewrite import build_collection_model  # noqa: E402
@@ -430,16 +431,6 @@ def run(models: list[str], rounds: int, samples: int | None) -> dict:
     machine["load_average_at_end"] = list(os.getloadavg())
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine, "models": results,
             "size_sweep": sweep}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 LABELS = {

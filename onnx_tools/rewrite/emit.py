@@ -3,17 +3,18 @@
 Two routes. On onnxruntime's CPU provider, within the bounds of
 :func:`~onnx_tools.rewrite.plan.training_kernel_fits`, :func:`emit_training_kernel` turns the
 BN into onnxruntime's own training-mode kernel, which computes the two-pass batch mean and
-biased variance and normalizes in one node instead of about ten (0.86-0.94x the primitive
-route's time on BN inputs up to 2^20 values on 2 cores, ``benchmarks/bench_graph.py``).
+biased variance and normalizes in one node instead of about ten (0.78-0.93x the primitive
+route's time on BN inputs up to 10^6 values on 2 cores, ``benchmarks/bench_graph.py``).
 Everywhere else (CUDA, which refuses training mode from opset 14; float16; inputs too large
 for its one thread or its float32 sums) :func:`emit_statistics` and
-:func:`emit_normalization` build the statistics from primitive operators. For a BN input ``X`` of shape ``(N, C, *spatial)`` and its :class:`ReductionPlan`::
+:func:`emit_normalization` build the statistics from primitive operators. For a BN input
+``X`` of shape ``(N, C, *spatial)`` and its :class:`ReductionPlan`::
 
     t      = ReduceMean(X, axes=g1); t = ReduceMean(t, axes=g2) ...    # per sample, in stages
-    m      = ReduceMean(t, axes=[0])                                   # batch mean, (1, C, 1, ..)
+    m      = ReduceMean(float64(t), axes=[0])                          # batch mean, (1, C, 1, ..)
     D      = X - m
     t      = sum of D² over g1; t = ReduceMean(t, axes=g2) ...         # MatMul or ReduceSumSquare
-    v      = ReduceMean(t, axes=[0]) / |g1|                            # biased batch variance
+    v      = ReduceMean(float64(t), axes=[0]) / |g1|                   # biased batch variance
     Y      = BatchNormalization(X, scale, bias, m, v)                  # inference kernel
 
 Two passes (mean first, then squared deviations) avoid the cancellation of E[x²]−E[x]² (a
