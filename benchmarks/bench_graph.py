@@ -92,16 +92,16 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
 
 
 def _rewritten_bns(graph: onnx.GraphProto):
-    """(index, BN node, Sub node giving D = X - m) of each BN the collection rewrite made."""
-    prod = _producers(graph)
+    """(index, BN node, Sub node giving D = X - m) of each BN the primitive rewrite made."""
     subs = {n.input[0]: n for n in graph.node if n.op_type == "Sub" and "_dev" in n.output[0]}
     for i, node in enumerate(graph.node):
-        if node.op_type == "BatchNormalization" and "batch_mean" in node.input[3]:
-            reshape = prod.get(node.input[3])
-            yield i, node, subs[node.input[0]], reshape
+        if node.op_type == "BatchNormalization" and node.input[0] in subs:
+            yield i, node, subs[node.input[0]]
 
 
 def _rebuild(graph: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]]) -> None:
+    if not replace:  # a variant that matches nothing would be timed as the unchanged graph
+        raise RuntimeError("graph variant found nothing to rewrite")
     nodes = [m for i, n in enumerate(graph.node) for m in replace.get(i, [n])]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -111,7 +111,7 @@ def muladd(model: onnx.ModelProto) -> onnx.ModelProto:
     """BN -> ``D * (scale / sqrt(v + eps)) + bias`` on the deviations D already computed."""
     graph = model.graph
     replace = {}
-    for i, bn, sub, _ in list(_rewritten_bns(graph)):
+    for i, bn, sub in list(_rewritten_bns(graph)):
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         p = bn.output[0]
         c4 = f"{p}_c4"
@@ -134,7 +134,7 @@ def bn_on_dev(model: onnx.ModelProto) -> onnx.ModelProto:
     """The BN node reads D = X - m with a zero mean."""
     graph = model.graph
     replace = {}
-    for i, bn, sub, _ in list(_rewritten_bns(graph)):
+    for i, bn, sub in list(_rewritten_bns(graph)):
         p = bn.output[0]
         graph.initializer.append(numpy_helper.from_array(np.array(0, np.float32), f"{p}_0"))
         zeros = helper.make_node("Mul", [bn.input[3], f"{p}_0"], [f"{p}_zeros"])  # (C,) zeros

@@ -6,9 +6,9 @@ them (training-mode BN: eps inside the square root, biased variance), and the tw
 
 * *training kernel* (onnxruntime's CPU provider only): the BN node becomes onnxruntime's own
   training-mode BatchNormalization with ``momentum=0``, so its running outputs are the batch
-  statistics. Its mean/var inputs are fresh graph inputs, never initializers: the CPU kernel
-  declares its running outputs aliases of them, and onnxruntime merges equal initializers (a
-  fresh model's var with its scale). Used for BN inputs of at most 2^20 values per batch (it runs
+  statistics. Its mean/var inputs are fresh graph inputs fed zeros, never the model's tensors
+  (which may hold NaN after a diverged run; the kernel also declares its running outputs
+  aliases of them, and onnxruntime merges equal initializers). Used for BN inputs of at most 2^20 values per batch (it runs
   on one thread; larger inputs go faster on the primitive route's threads) where its float32
   sums are as exact as the primitive route's (:func:`~onnx_tools.rewrite.plan.training_kernel_fits`).
 * *primitive operators* (every provider; CUDA refuses ``training_mode=1`` from opset 14):

@@ -179,10 +179,12 @@ def emit_training_kernel(em: Emitter, node: onnx.NodeProto, elem: int, channels:
     The node keeps X, scale and bias, normalizes with the batch statistics and returns them as
     its running outputs: with ``momentum=0`` the kernel's ``old * momentum + batch * (1 -
     momentum)`` is the batch statistic itself (biased variance: it divides by ``n``). Its
-    mean/var inputs become fresh graph inputs (zeros, in :attr:`Emitter.feeds`): the CPU kernel
-    declares its running outputs aliases of those inputs, and an initializer there could be
-    one onnxruntime merged with another BN's scale or bias (onnxruntime issue 29790). From opset 14
-    ``training_mode=1`` selects training; before, the extra outputs do (all four of them).
+    mean/var inputs become fresh graph inputs (zeros, in :attr:`Emitter.feeds`), never the
+    model's own tensors: those may hold NaN/Inf after a diverged run (and ``0 * NaN`` is NaN),
+    may be graph inputs nobody feeds, and the CPU kernel declares its running outputs aliases
+    of them while onnxruntime merges equal initializers (a fresh export's var is its scale;
+    onnxruntime issue 29790). From opset 14 ``training_mode=1`` selects training; before, the
+    extra outputs do (all four of them).
     """
     np_type = helper.tensor_dtype_to_np_dtype(elem)
     stale = []

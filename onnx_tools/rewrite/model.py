@@ -185,8 +185,9 @@ def _training_kernel_applies(bn: BatchNormInfo, info: TypeAndDims, batch_size: i
     elem, dims = info
     if bn.channels is None or not training_kernel_fits(elem, dims, batch_size):
         return False
-    # The kernel wants mean/var of X's type (opset 15 allows others; onnxruntime's CPU does not).
-    stored = [bn.values.get(role) for role in ("scale", "bias", "mean", "var")]
+    # Its mean/var are fed in X's type; scale/bias must be X's type too (opset 15 allows
+    # others; onnxruntime's CPU kernel does not).
+    stored = [bn.values.get(role) for role in ("scale", "bias")]
     return all(v is None or v.dtype == helper.tensor_dtype_to_np_dtype(elem) for v in stored)
 
 

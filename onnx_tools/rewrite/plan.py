@@ -204,6 +204,11 @@ def bn_input_shapes(model: onnx.ModelProto,
     return info, batch_first
 
 
+def _rows(dims: list[int | None], batch_size: int | None) -> int | None:
+    """Length of the first axis: static, else ``batch_size`` (given only where it is the batch)."""
+    return dims[0] if dims[0] is not None else batch_size
+
+
 def training_kernel_exact(elem: int | None, dims: list[int | None] | None,
                           batch_size: int | None) -> bool:
     """Whether onnxruntime's CPU training-mode BN kernel is exact enough for this BN input.
@@ -229,8 +234,8 @@ def training_kernel_exact(elem: int | None, dims: list[int | None] | None,
     spatial = dims[2:]
     if any(d is None for d in spatial) or int(np.prod(spatial, dtype=np.int64)) > TRAINING_KERNEL_MAX_ROW:
         return False
-    batch = dims[0] if dims[0] is not None else batch_size
-    return batch is not None and batch <= TRAINING_KERNEL_MAX_BATCH
+    rows = _rows(dims, batch_size)
+    return rows is not None and rows <= TRAINING_KERNEL_MAX_BATCH
 
 
 def training_kernel_fits(elem: int | None, dims: list[int | None] | None,
@@ -240,14 +245,15 @@ def training_kernel_fits(elem: int | None, dims: list[int | None] | None,
     It must be exact enough (:func:`training_kernel_exact`) and small: at most
     :data:`TRAINING_KERNEL_MAX_VALUES` values per batch. The kernel is one node where the
     primitive route has about ten, but it runs on one thread, while the primitive route's
-    reductions and subtraction use every intra-op thread. Measured on 2 cores (Conv-BN-Relu
-    pairs, batch 64, ``benchmarks/bench_graph.py``): the kernel takes 0.79x the primitive
-    route's time at 6.5e4 values, 0.92-0.96x at 5e5-1e6 and 0.92-1.01x beyond; with more cores
-    the one thread falls behind on large inputs, where the node overhead it saves is small.
+    reductions and subtraction use every intra-op thread. Measured on 2 cores (two Conv-BN-Relu
+    blocks, batch 64, the size sweep of ``benchmarks/bench_graph.py``): the kernel takes 0.78x
+    the primitive route's time at 6.5e4 values, 0.87-0.93x at 5e5-1e6 and 0.98-1.01x beyond;
+    with more cores the one thread falls behind on large inputs, where the node overhead it
+    saves is small.
     """
-    if not training_kernel_exact(elem, dims, batch_size) or dims is None or len(dims) < 2:
+    if dims is None or len(dims) < 2 or not training_kernel_exact(elem, dims, batch_size):
         return False
-    batch = dims[0] if dims[0] is not None else batch_size
-    if batch is None or any(d is None for d in dims[1:]):
+    rows = _rows(dims, batch_size)
+    if rows is None or any(d is None for d in dims[1:]):
         return False
-    return int(batch) * int(np.prod(dims[1:], dtype=np.int64)) <= TRAINING_KERNEL_MAX_VALUES
+    return int(rows) * int(np.prod(dims[1:], dtype=np.int64)) <= TRAINING_KERNEL_MAX_VALUES

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import onnx_tools as ot
 from onnx_tools import collection
@@ -261,8 +261,12 @@ fresh (float[N,3,6,6] x) => (float[N,4,6,6] y) {
 def test_a_fresh_model_with_aliased_initializers_does_not_drift():
     """A fresh torch export: var is the scale (ones), mean the bias (zeros), shared by both BNs.
 
-    If the kernel's running outputs were written into those tensors, the scale would change
-    with every batch: the statistics of batch A would differ after batch B, and from NumPy's.
+    onnxruntime merges such equal initializers, and the kernel declares its running outputs
+    aliases of its mean/var inputs; were anything written into a shared tensor, the scale
+    would change with every batch: the statistics of batch A would differ after batch B, and
+    from the reference. (Feeding the kernel its own zeros is what makes this hold by design;
+    with this onnxruntime it holds even without, since the running outputs are graph outputs
+    and get their own buffers: the non-finite test below is the one that needs the feeds.)
     """
     rng = np.random.default_rng(0)
     f = np.float32
@@ -348,3 +352,22 @@ def test_feeds_are_left_as_they_were():
     session.run(cm.output_names, {"x": x, **cm.feeds})
     for k, v in cm.feeds.items():
         np.testing.assert_array_equal(v, before[k])
+
+
+def test_non_finite_stored_statistics_do_not_reach_the_kernel():
+    """Recalibration is for broken statistics: a diverged run leaves NaN/Inf in running_var.
+
+    The kernel computes ``old * 0 + batch``, and 0 * NaN is NaN: it must never read the
+    model's own mean/var, only the zeros collection feeds it.
+    """
+    f = np.float32
+    model = one_bn(["N", 3, 4, 4])
+    for t in model.graph.initializer:
+        if t.name in ("m", "v"):
+            t.CopyFrom(numpy_helper.from_array(np.array([np.nan, np.inf, -np.inf], f), t.name))
+    x = (np.random.default_rng(0).normal(size=(8, 3, 4, 4)) * 2 + 1).astype(f)
+    mean, var, y = run_one(model, x)
+    want_mean, want_var, want_y = numpy_training_bn(x)
+    np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-6 * np.sqrt(want_var).max())
+    np.testing.assert_allclose(var, want_var, rtol=2e-6)
+    np.testing.assert_allclose(y, want_y, rtol=0, atol=2e-5)
