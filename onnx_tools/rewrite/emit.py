@@ -3,7 +3,7 @@
 Two routes. On onnxruntime's CPU provider, within the bounds of
 :func:`~onnx_tools.rewrite.plan.training_kernel_fits`, :func:`emit_training_kernel` turns the
 BN into onnxruntime's own training-mode kernel, which computes the two-pass batch mean and
-biased variance and normalizes in one node instead of about ten (0.78-0.93x the primitive
+biased variance and normalizes in one node instead of about ten (0.78-0.95x the primitive
 route's time on BN inputs up to 10^6 values on 2 cores, ``benchmarks/bench_graph.py``).
 Everywhere else (CUDA, which refuses training mode from opset 14; float16; inputs too large
 for its one thread or its float32 sums) :func:`emit_statistics` and

@@ -246,10 +246,10 @@ def training_kernel_fits(elem: int | None, dims: list[int | None] | None,
     :data:`TRAINING_KERNEL_MAX_VALUES` values per batch. The kernel is one node where the
     primitive route has about ten, but it runs on one thread, while the primitive route's
     reductions and subtraction use every intra-op thread. Measured on 2 cores (two Conv-BN-Relu
-    blocks, batch 64, the size sweep of ``benchmarks/bench_graph.py``): the kernel takes 0.78x
-    the primitive route's time at 6.5e4 values, 0.87-0.93x at 5e5-1e6 and 0.98-1.01x beyond;
-    with more cores the one thread falls behind on large inputs, where the node overhead it
-    saves is small.
+    blocks, batch 64, the size sweep of ``benchmarks/bench_graph.py``, three runs): the kernel
+    takes 0.78-0.83x the primitive route's time at 6.5e4 values, 0.87-0.95x at 5e5-1e6 and
+    0.98-1.02x beyond; with more cores the one thread should fall behind on large inputs
+    (not measured), where the node overhead it saves is small.
     """
     if dims is None or len(dims) < 2 or not training_kernel_exact(elem, dims, batch_size):
         return False
