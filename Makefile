@@ -10,7 +10,7 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_CORPUS := $(VENV)/.stamp-corpus
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean
+.PHONY: help install test test-all test-slow test-corpus fuzz lint demo demo-folded experiment bench clean
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-corpus the whole exporter-dialect corpus (torchvision x torch.onnx, paddle2onnx, tf2onnx, shipped models)"
 	@echo "make fuzz        long hypothesis runs (profile 'fuzz') of the property and fuzz suites"
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
+	@echo "make demo-folded the same story for a conv net whose BN was folded at export: inspect, unfold, recalibrate"
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
 	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the README tables"
 
@@ -74,6 +75,9 @@ fuzz: $(STAMP_TEST)
 
 demo: $(STAMP_DEMO)
 	$(PY) -m demo.run_demo
+
+demo-folded: $(STAMP_DEMO)
+	$(PY) -m demo.run_demo_folded
 
 experiment: $(STAMP_DEMO)
 	$(PY) -m demo.experiments
