@@ -25,6 +25,7 @@ aggregating with ``bnref.PreciseBN``), :mod:`~onnx_tools.stats` (STATS files, me
 shards), :mod:`~onnx_tools.apply` (writing statistics back), :mod:`~onnx_tools.report`
 (drift), :mod:`~onnx_tools.compare`, :mod:`~onnx_tools.data` (calibration data),
 :mod:`~onnx_tools.modelio` (loading) and :mod:`~onnx_tools.outputs` (atomic writes),
+:mod:`~onnx_tools.unfolding` (``unfold``: BN back into models whose exporter folded it),
 :mod:`~onnx_tools.cli`.
 """
 
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     )
     from onnx_tools.report import DriftReport
     from onnx_tools.stats import CollectedStats, load_stats, merge_stats, save_stats
+    from onnx_tools.unfolding import Site, UnfoldResult, find_sites, unfold
 
 #: Public name -> the module defining it. Imported on first use (PEP 562), so
 #: ``import onnx_tools.cli`` starts without loading onnx, onnxruntime or the data layer.
@@ -98,6 +100,10 @@ _EXPORTS = {
     "load_stats": "onnx_tools.stats",
     "merge_stats": "onnx_tools.stats",
     "save_stats": "onnx_tools.stats",
+    "Site": "onnx_tools.unfolding",
+    "UnfoldResult": "onnx_tools.unfolding",
+    "find_sites": "onnx_tools.unfolding",
+    "unfold": "onnx_tools.unfolding",
 }
 
 __all__ = [
@@ -119,7 +125,9 @@ __all__ = [
     "OutputPath",
     "ProviderError",
     "RecalibrationResult",
+    "Site",
     "StatsError",
+    "UnfoldResult",
     "analyze_model",
     "apply_stats",
     "check_output",
@@ -127,12 +135,14 @@ __all__ = [
     "compare_models",
     "describe_model",
     "find_batchnorms",
+    "find_sites",
     "inspect_model",
     "load_model",
     "load_stats",
     "merge_stats",
     "recalibrate",
     "save_stats",
+    "unfold",
     "write_model",
 ]
 

@@ -18,11 +18,13 @@ from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
 from onnx_tools.collection import collect
-from onnx_tools.errors import OutputError
+from onnx_tools.errors import OptionError, OutputError
+from onnx_tools.modelio import LoadedModel
 from onnx_tools.options import check_keywords, check_prior_strength
 from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
+from onnx_tools.unfolding import UNFOLD_OPTIONS, Site, UnfoldResult, find_sites, unfold_model
 
 
 @dataclass
@@ -31,17 +33,27 @@ class ModelDescription:
 
     batchnorms: list[BatchNormInfo]
     in_subgraphs: list[str] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
 
     @property
     def advice(self) -> str | None:
-        """How to export with BN kept, when the model has no BN at all."""
-        return None if self.batchnorms else f"no BatchNormalization: {EXPORT_ADVICE}"
+        """How to export with BN kept, or to unfold, when the model has no BN at all."""
+        if self.batchnorms:
+            return None
+        text = f"no BatchNormalization: {EXPORT_ADVICE}"
+        if self.sites:
+            text += (f". Where re-exporting is not possible, `bnref-onnx unfold` puts a BN back "
+                     f"after each of the {len(self.sites)} folded layer(s) listed, from source "
+                     "data (`unfold MODEL --data SOURCE -o OUT`, or `recalibrate MODEL --data "
+                     "TARGET --source SOURCE -o OUT` to adapt it at once)")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``inspect --json``)."""
         out: dict[str, Any] = {
             "batchnorms": [bn.to_dict() for bn in self.batchnorms],
             "in_subgraphs": list(self.in_subgraphs),
+            "unfold_sites": [site.to_dict() for site in self.sites],
         }
         if self.advice:
             out["advice"] = self.advice
@@ -51,7 +63,8 @@ class ModelDescription:
 def describe_model(model: ModelLike | ModelAnalysis) -> ModelDescription:
     """Every BN of the main graph (channels, eps, momentum, storage) and those in subgraphs."""
     analysis = analyze_model(model)
-    return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model))
+    return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model),
+                            find_sites(analysis.model))
 
 
 def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
@@ -77,6 +90,7 @@ class RecalibrationResult:
     report: DriftReport
     stats: CollectedStats
     applied: ApplyResult
+    unfolded: UnfoldResult | None = None
 
 
 def recalibrate(
@@ -86,17 +100,28 @@ def recalibrate(
     output: str | os.PathLike | OutputPath | None = None,
     in_place: bool = False,
     prior_strength: float | None = None,
+    source: Any = None,
     **collect_options: Any,
 ) -> RecalibrationResult:
     """Collect Precise BatchNorm statistics over ``data`` and write them into ``model``.
+
+    With ``source`` the model's BN was folded away at export: it is first unfolded with
+    ``source`` data (:func:`onnx_tools.unfold`; ``bn_eps``, ``sites_include``,
+    ``sites_exclude`` and ``linear_sites`` go there, as do the collection options but
+    ``include``/``exclude``), then recalibrated on ``data``.
 
     ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
     ``estimator="population"``, ``provider="auto"``, ...). With ``output`` (or ``in_place``
     for a model path) the new model is written atomically and checked; otherwise it is only
     returned. The input model is never modified unless ``in_place``.
     """
+    unfold_options = {k: collect_options.pop(k) for k in UNFOLD_OPTIONS if k in collect_options}
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
+    if unfold_options and source is None:
+        raise OptionError(f"{', '.join(sorted(unfold_options))} applies to folded models: "
+                          "give source (the data to unfold with)")
     analysis = analyze_model(model)
+    unfolded = None
     check_prior_strength(prior_strength)  # fail before collecting, not after
     target = None
     if in_place:
@@ -110,8 +135,16 @@ def recalibrate(
         target = check_output(output, input_path=analysis.loaded.path)
         check_distinct({"output": target.path},
                        {"data": data, "input model": analysis.loaded.path})
+    if source is not None:
+        check_distinct({"output": target.path if target is not None else None},
+                       {"source data": source})
+        unfolded = unfold_model(analysis, source, **unfold_options, **{
+            k: v for k, v in collect_options.items() if k not in ("include", "exclude", "shard")})
+        loaded = analysis.loaded
+        analysis = analyze_model(LoadedModel(unfolded.model, loaded.path, loaded.base_dir,
+                                             loaded.external, loaded.locations))
     stats = collect(analysis, data, **collect_options)
     applied = apply_stats(analysis, stats, prior_strength=prior_strength)
     if target is not None:
         write_model(applied.model, target, like=analysis.loaded, in_place=in_place)
-    return RecalibrationResult(applied.model, applied.report, stats, applied)
+    return RecalibrationResult(applied.model, applied.report, stats, applied, unfolded)
