@@ -75,14 +75,18 @@ def unfold_tool():
 
 
 def tool_adapt(folded_model, x_target: np.ndarray, x_source: np.ndarray, batch_size: int = SOURCE_BATCH):
-    """``bnref-onnx recalibrate FOLDED --data TARGET --source SOURCE``: the adapted ONNX model."""
+    """``bnref-onnx recalibrate FOLDED --data TARGET --source SOURCE``: its result.
+
+    ``.model`` is the adapted ONNX model, ``.unfolded.statistics`` the inserted BNs' source
+    statistics. The source batches are ``batch_size``, the target batches :data:`SOURCE_BATCH`
+    (one ``batch_size`` option drives both in the tool, so a smaller source uses it for both).
+    """
     import onnx_tools
     from demo.conv_export import nchw
 
-    res = onnx_tools.recalibrate(
+    return onnx_tools.recalibrate(
         folded_model, nchw(x_target), source=nchw(x_source), batch_size=batch_size, provider="cpu"
     )
-    return res.model
 
 
 def logit_gap(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:

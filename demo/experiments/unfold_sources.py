@@ -53,15 +53,24 @@ def _source(sp, seed: int, n: int, draw: int) -> np.ndarray:
     return sp.x_train[np.random.default_rng([seed, 7, draw]).permutation(len(sp.x_train))[:n]]
 
 
-def _adapted_logits(unfolded, folded_model, x_src, cal, ev, tool) -> np.ndarray:
-    """The folded model unfolded on ``x_src`` and recalibrated on ``cal``: its logits on ``ev``.
+def _draw_cell(folded, folded_model, x_src, targets, y, tool) -> dict:
+    """One source draw: per shift, unfold on ``x_src``, recalibrate, compare with the BN-kept arm.
 
-    By the tool where it exists, else by the NumPy reference (``unfolded``, already computed).
+    By the tool where it exists, else by the NumPy reference; ``ustats`` are the inserted BNs'
+    statistics either way.
     """
-    if tool is not None:
-        return CX.run_logits(tool_adapt(folded_model, cal, x_src, min(SOURCE_BATCH, len(x_src))), ev)
-    net = unfolded
-    return C.forward_eval(net, C.precise_stats(net, cal, SOURCE_BATCH, eps=EPS_PRIME), ev, eps=EPS_PRIME)
+    cell, ustats = {}, None
+    if tool is None:
+        net, ustats = U.unfold(folded, x_src, SOURCE_BATCH, EPS_PRIME)
+    for sh, (cal, ev, kept) in targets.items():
+        if tool is not None:
+            res = tool_adapt(folded_model, cal, x_src)
+            logits, ustats = CX.run_logits(res.model, ev), list(res.unfolded.statistics.values())
+        else:
+            logits = C.forward_eval(net, C.precise_stats(net, cal, SOURCE_BATCH, eps=EPS_PRIME), ev, eps=EPS_PRIME)
+        cell[sh] = {"acc": float((logits.argmax(1) == y).mean()), **logit_gap(kept, logits)}
+    cell["ustats"] = ustats
+    return cell
 
 
 def sources_seed(run: dict, split=None) -> dict:
@@ -85,16 +94,10 @@ def sources_seed(run: dict, split=None) -> dict:
     for n in COUNTS:
         cells = []
         for draw in range(1 if n >= len(sp.x_train) else DRAWS):
-            x_src = _source(sp, seed, n, draw)
-            net, ustats = U.unfold(folded, x_src, min(SOURCE_BATCH, n), EPS_PRIME)
-            cell = {}
-            for sh in SHIFTS:
-                cal, ev, kept = targets[sh]
-                logits = _adapted_logits(net, folded_model, x_src, cal, ev, tool)
-                cell[sh] = {"acc": float((logits.argmax(1) == y).mean()), **logit_gap(kept, logits)}
+            cell = _draw_cell(folded, folded_model, _source(sp, seed, n, draw), targets, y, tool)
             # How far the inserted BNs' statistics are from those the model was folded with
             # (in the folded conv's output units: mean beta, variance gamma^2 v/(v + eps)).
-            cell["stats_gap"] = stats_gap(_folded_output_stats(params, run["precise"]), ustats)
+            cell["stats_gap"] = stats_gap(_folded_output_stats(params, run["precise"]), cell.pop("ustats"))
             cells.append(cell)
         out["counts"][str(n)] = cells
     return out
@@ -178,7 +181,8 @@ def intro(seeds: Sequence[int], engine: str) -> str:
 images (batch {SOURCE_BATCH}, stored order). Unfold gets n training images (a seeded random draw, {DRAWS}
 draws per n; n = 4,000 is the stored order the model was folded with), batch min(n, {SOURCE_BATCH}); the
 unfolded model is recalibrated on {POOL} unlabeled shifted test images and evaluated on the other
-{1000 - POOL}, by {how}. Paired against recalibrating the BN-kept model on the same images. The last two
+{1000 - POOL}, by {how}. Paired against recalibrating the BN-kept model on the same images (NumPy
+Precise BN; experiment 6 checks that `bnref-onnx` gives the same). The last two
 columns compare the inserted BNs' statistics with those of the folding data (RMS over channels of
 the mean difference in standard deviations, and of ln of the variance ratio). {len(seeds)} seeds."""
 
