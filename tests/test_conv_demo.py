@@ -140,3 +140,16 @@ def test_onnx_tools_unfold_matches_the_reference(digits, trained):
     ref = C.forward_eval(net, C.precise_stats(net, target[:256], 64, eps=1e-5), target, eps=1e-5)
     got = CX.run_logits(res.model, target)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.slow
+def test_run_demo_folded_end_to_end(tmp_path, capsys):
+    pytest.importorskip("onnx_tools.cli")
+    from demo import run_demo_folded
+
+    assert run_demo_folded.main(["--out", str(tmp_path), "--source-images", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "unfold" in out and (tmp_path / "adapted_contrast_brightness.onnx").exists()
+    row = next(line for line in out.splitlines() if line.strip().startswith("contrast+brightness"))
+    before, after, kept = (float(v.rstrip("%")) for v in row.split()[1:4])
+    assert after > before + 50 and abs(after - kept) <= 2.0, row
