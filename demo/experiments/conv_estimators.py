@@ -161,17 +161,21 @@ def plot(s: dict):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, c in enumerate(s["control"]):
         left.plot(BATCHES, [100 * s["sweep"][str(b)]["gap_mean"][i]["mean"] for b in BATCHES], f"C{i}-o", ms=3,
-                  label=f"layer {i}, training pass")
+                  label=f"layer {i} ({c['hw']} px), Precise BN pass")
+        left.plot(CONTROL_BATCHES, [100 * c["images"][str(b)] for b in CONTROL_BATCHES], f"C{i}x", ms=5)
         left.plot(CONTROL_BATCHES, [100 * c["predicted"][str(b)] for b in CONTROL_BATCHES], f"C{i}:", lw=1)
         left.plot(CONTROL_BATCHES, [100 * c["iid"][str(b)] for b in CONTROL_BATCHES], f"C{i}--", lw=1)
-    left.set(xscale="log", yscale="symlog", xlabel="batch size B", ylabel="(var_pop − var_mov) / var_pop (%)",
-             title="gap per layer (dotted: ρ/B, dashed: i.i.d. pixels)")
+    left.axhline(0, color="k", lw=0.8)
+    left.set(xscale="log", xlabel="batch size B", ylabel="(var_pop − var_mov) / var_pop (%)",
+             title="gap per layer: Precise BN pass (o), fixed maps (x),\npredicted ρ/B − 1/(m−1) (dotted), "
+             "i.i.d. pixels (dashed)")
     for j, where in enumerate(("clean", "shift")):
         cells = [s["sweep"][str(b)][where]["pop_minus_mov"] for b in BATCHES]
         right.errorbar(BATCHES, [100 * c["mean"] for c in cells], [100 * c["se"] for c in cells], fmt=f"C{j}-o",
                        ms=3, capsize=2, label="clean test" if where == "clean" else f"{SHIFT}, recalibrated")
     right.axhline(0, color="k", lw=0.8)
-    right.set(xscale="log", xlabel="batch size B", ylabel="accuracy: population − mov (pp), ± SE")
+    right.set(xscale="log", xlabel="batch size B", ylabel="accuracy: population − mov (pp), ± SE", ylim=(-0.5, 0.5),
+              title="what the gap costs")
     for ax in (left, right):
         ax.set_xticks(BATCHES, [str(b) for b in BATCHES], fontsize=7)
         ax.minorticks_off()
