@@ -28,7 +28,7 @@ from onnx_tools.outputs import (
 from onnx_tools.pipeline import ModelDescription, describe_model, recalibrate
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
-from onnx_tools.stats import load_stats, merge_stats, save_stats
+from onnx_tools.stats import load_stats, merge_state, merge_stats, save_stats
 
 
 def _image_options(args: argparse.Namespace):
@@ -178,8 +178,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     merged = merge_stats([load_stats(p) for p in args.stats])
     save_stats(merged, targets.output)
     if not args.quiet:
-        state = "complete" if merged.complete else (
-            f"shards {merged.shards} of {merged.num_shards}: incomplete")
+        state = merge_state(merged, len(args.stats))
         _print(f"merged {len(args.stats)} file(s): {merged.num_samples} samples, "
                f"{merged.num_batches} batches ({state}) -> {args.output}")
     return 0
