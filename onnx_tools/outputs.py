@@ -130,6 +130,7 @@ def data_file(out: OutputPath, locations: Collection[str]) -> OutputPath:
     ``OUT.data`` beside the model; in place, the input's own data file name when it had one
     in the model's folder. Under ``in_place`` the data file must be where the input's was
     read from (a model that is a link into another folder keeps its data beside the link).
+    It may not be a link (onnx reads no external data through one).
     """
     location = os.path.basename(out.path) + ".data"
     if out.in_place and len(locations) == 1:
@@ -137,6 +138,9 @@ def data_file(out: OutputPath, locations: Collection[str]) -> OutputPath:
     if os.sep in location or (os.altsep and os.altsep in location):
         location = os.path.basename(out.path) + ".data"
     path = os.path.join(os.path.dirname(out.path), location)
+    if os.path.islink(path):  # onnx refuses to read external data through a link
+        raise OutputError(f"the external data of the {out.what} would be written to {path}, "
+                          "a symbolic link, which onnx refuses to read; remove the link")
     read_from = out.reads.model_locations.get(location) if out.reads is not None else None
     if out.in_place and read_from is not None and file_key(read_from) != file_key(path):
         raise OutputError(

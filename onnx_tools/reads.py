@@ -19,10 +19,16 @@ a model with external data writes (``OUT.data``) against it too.
 Every subcommand that writes builds one account from everything it reads and checks all its
 outputs against it before any work; a new subcommand plugs in with one call::
 
-    reads = RunReads.of(model=args.model, data=args.source)
-    targets = check_outputs({"output": args.output, "report": args.report}, reads)
-    ...                                        # the work
+    from onnx_tools.outputs import check_model_output, check_outputs
+
+    reads = RunReads.of(model=args.model, data=args.source)       # everything it reads
+    output = check_model_output(args.output, reads)                # a model, and OUT.data
+    targets = check_outputs({"output": output, "report": args.report}, reads)
+    ...                                                            # the work
     write_model(new_model, targets["output"], like=loaded)
+
+(``check_output(path, reads=reads)`` for an output that is not a model; ``reads.add_file``,
+``add_model``, ``add_data`` for inputs ``of`` does not name.)
 
 The Python API (``recalibrate``, ``write_model``) builds the same account from its arguments.
 Inputs that are not files (arrays, reader objects, a ``ModelProto``) add nothing; a path that

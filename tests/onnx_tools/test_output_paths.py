@@ -269,3 +269,25 @@ def test_api_write_model_refuses_the_inputs_data_file(tmp_path, ext_files):
     with pytest.raises(ot.OutputError, match="external data of the input model"):
         ot.write_model(loaded.model, weights, like=loaded)
     assert digests(model, weights) == want
+
+
+def test_in_place_on_a_link_into_another_folder_with_external_data_is_refused(tmp_path, ext_files):
+    # onnx reads the data beside the link; writing beside the target would part model and data.
+    model, weights, data = ext_files
+    (tmp_path / "ckpt").mkdir()
+    os.replace(model, tmp_path / "ckpt" / "ext.onnx")
+    os.symlink("ckpt/ext.onnx", model)
+    before, want = listing(tmp_path), digests(model, weights)
+    rc, _, err = run_cli("recalibrate", model, "--data", data, "--in-place", "--batch-size", "8")
+    assert_clean_failure(rc, err, 1, "in another folder", tmp_path, before)
+    assert digests(model, weights) == want
+
+
+def test_external_data_is_never_written_through_a_link(tmp_path, ext_files):
+    # onnx refuses external data behind a link: such a model could never be loaded again.
+    model, weights, data = ext_files
+    os.symlink(tmp_path / "elsewhere.bin", tmp_path / "o.onnx.data")
+    before = listing(tmp_path)
+    rc, _, err = run_cli("recalibrate", model, "--data", data, "-o", tmp_path / "o.onnx",
+                         "--batch-size", "8")
+    assert_clean_failure(rc, err, 1, "symbolic link", tmp_path, before)
