@@ -21,7 +21,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 from onnx import external_data_helper
@@ -45,7 +45,7 @@ class OutputPath:
 
     ``path`` is absolute, symbolic links followed (what is written); ``given`` the path as
     the user gave it; ``reads`` the account it was checked against (a model's external data
-    file is checked against it when written). Functions that write take one of these or a
+    file is checked against it when written); ``data`` that file, when known beforehand. Functions that write take one of these or a
     plain path; a plain path is checked there, an ``OutputPath`` is not checked again.
     """
 
@@ -54,6 +54,7 @@ class OutputPath:
     given: str = ""
     reads: RunReads | None = field(default=None, compare=False, repr=False)
     in_place: bool = False
+    data: str | None = None  # a model's external-data file, when known to be written
 
     def __fspath__(self) -> str:
         return self.path
@@ -66,8 +67,8 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def _final_target(given: str, what: str) -> str:
-    target = os.path.realpath(given)
+def _final_target(out: str, given: str, what: str) -> str:
+    target = os.path.realpath(out)  # each ``..`` after the link before it is resolved
     if os.path.islink(target):  # realpath stops at a loop
         raise OutputError(f"{what} {given} is a loop of symbolic links")
     return target
@@ -87,7 +88,7 @@ def check_output(
     input model, alone when it is None); ``in_place`` allows the input model's own files.
     """
     given = os.path.abspath(os.fspath(out))
-    target = _final_target(given, what)
+    target = _final_target(os.fspath(out), given, what)  # not the lexical ``given``: a/link/..
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
         raise OutputError(f"{what} folder does not exist: {folder}")
@@ -120,7 +121,7 @@ def check_model_output(out: str | os.PathLike, reads: RunReads, *, what: str = "
     """:func:`check_output` for a model, and its external-data file when the input has one."""
     checked = check_output(out, what=what, reads=reads, in_place=in_place)
     if reads.model_locations:
-        data_file(checked, reads.model_locations)
+        return replace(checked, data=data_file(checked, reads.model_locations).path)
     return checked
 
 
@@ -162,21 +163,20 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | OutputPath | None],
     checked = {what: (p if isinstance(p, OutputPath) or p is None
                       else check_output(p, what=what, reads=reads))
                for what, p in outputs.items()}
-    given = [(what, p) for what, p in checked.items() if p is not None]
-    for i, (what, path) in enumerate(given):
-        for other, other_path in given[i + 1:]:
-            key = file_key(path.path)
-            if path.path == other_path.path or (key is not None and key == file_key(other_path.path)):
-                raise OutputError(f"the {what} and the {other} are the same file ({path.given}): "
+    files = [(what, p.given, p.path) for what, p in checked.items() if p is not None]
+    files += [(f"external data of the {what}", p.data, p.data)
+              for what, p in checked.items() if p is not None and p.data is not None]
+    for i, (what, given, path) in enumerate(files):
+        key = file_key(path)
+        for other, _, other_path in files[i + 1:]:
+            if path == other_path or (key is not None and key == file_key(other_path)):
+                raise OutputError(f"the {what} and the {other} are the same file ({given}): "
                                   "the second write would destroy the first")
     return checked
 
 
-def _checked(out: str | os.PathLike | OutputPath, input_path: str | None = None,
-             in_place: bool = False) -> OutputPath:
-    if isinstance(out, OutputPath):
-        return out
-    return check_output(out, input_path=input_path, in_place=in_place)
+def _checked(out: str | os.PathLike | OutputPath) -> OutputPath:
+    return out if isinstance(out, OutputPath) else check_output(out)
 
 
 def _give_mode(paths: list[str], destination: str) -> None:

@@ -291,3 +291,27 @@ def test_external_data_is_never_written_through_a_link(tmp_path, ext_files):
     rc, _, err = run_cli("recalibrate", model, "--data", data, "-o", tmp_path / "o.onnx",
                          "--batch-size", "8")
     assert_clean_failure(rc, err, 1, "symbolic link", tmp_path, before)
+
+
+def test_report_onto_the_new_models_data_file_is_refused(tmp_path, ext_files):
+    # The report would overwrite the external data the new model was just written with.
+    model, _, data = ext_files
+    before = listing(tmp_path)
+    rc, _, err = run_cli("recalibrate", model, "--data", data, "-o", tmp_path / "o.onnx",
+                         "--report", tmp_path / "o.onnx.data", "--batch-size", "8")
+    assert_clean_failure(rc, err, 1, "same file", tmp_path, before)
+
+
+def test_dot_dot_after_a_link_is_resolved_as_the_system_does(tmp_path, cnn_files):
+    # `a/link/../calib.npy` is the calib.npy beside the link's target, not `a/calib.npy`.
+    model, data = cnn_files
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / "c").mkdir(parents=True)
+    os.replace(data, tmp_path / "b" / "calib.npy")
+    data = tmp_path / "b" / "calib.npy"
+    os.symlink(tmp_path / "b" / "c", tmp_path / "a" / "link")
+    before, want = listing(tmp_path), digests(model, data)
+    rc, _, err = run_cli("recalibrate", model, "--data", data, "-o",
+                         f"{tmp_path}/a/link/../calib.npy", "--batch-size", "8")
+    assert_clean_failure(rc, err, 1, "would destroy the data", tmp_path, before)
+    assert digests(model, data) == want
