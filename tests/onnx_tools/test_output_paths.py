@@ -315,3 +315,28 @@ def test_dot_dot_after_a_link_is_resolved_as_the_system_does(tmp_path, cnn_files
                          f"{tmp_path}/a/link/../calib.npy", "--batch-size", "8")
     assert_clean_failure(rc, err, 1, "would destroy the data", tmp_path, before)
     assert digests(model, data) == want
+
+
+@pytest.mark.skipif(not ROOT_USER, reason="only root can give a file another owner")
+def test_in_place_as_root_keeps_the_owner(tmp_path, ext_files):
+    model, weights, data = ext_files
+    os.chown(model, 1234, 5678)
+    rc, _, err = run_cli("recalibrate", model, "--data", data, "--in-place", "--batch-size", "8",
+                         "-q")
+    assert rc == 0, err
+    for path in (model, weights):
+        assert (os.stat(path).st_uid, os.stat(path).st_gid) == (1234, 5678)
+
+
+def test_a_packaged_module_reader_protects_its_module_and_packages(tmp_path, monkeypatch):
+    from onnx_tools.reads import RunReads
+
+    pkg = tmp_path / "pkg19" / "sub"
+    pkg.mkdir(parents=True)
+    for path in (tmp_path / "pkg19" / "__init__.py", pkg / "__init__.py", pkg / "feeds.py"):
+        path.write_text("")
+    monkeypatch.chdir(tmp_path)
+    reads = RunReads.of(data="pkg19.sub.feeds:batches")
+    for path in (tmp_path / "pkg19" / "__init__.py", pkg / "__init__.py", pkg / "feeds.py"):
+        assert reads.find(path) is not None, path
+    assert RunReads.of(data="no_such_module19:f").files == []
