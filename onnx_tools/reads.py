@@ -40,7 +40,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import stat
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -187,7 +186,7 @@ def reader_files(spec: str) -> list[str]:
     the ``__init__.py`` of each package above it. Finding a submodule imports its parent
     package, as running the reader would. A module that cannot be found gives nothing.
     """
-    from onnx_tools.data.readers import READER_SPEC
+    from onnx_tools.data.readers import READER_SPEC, working_folder_on_path
 
     match = READER_SPEC.match(spec)
     if match is None:
@@ -196,18 +195,13 @@ def reader_files(spec: str) -> list[str]:
     if target.endswith(".py"):
         return [target]
     files = []
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        parts = target.split(".")
+    parts = target.split(".")
+    with working_folder_on_path():
         for i in range(1, len(parts) + 1):
-            found = importlib.util.find_spec(".".join(parts[:i]))
+            try:
+                found = importlib.util.find_spec(".".join(parts[:i]))
+            except Exception:  # noqa: BLE001 - not importable: the run reports it itself
+                break
             if found is not None and found.origin and os.path.isfile(found.origin):
                 files.append(found.origin)
-    except Exception:  # noqa: BLE001 - not importable: the run reports it with its own message
-        pass
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
     return files

@@ -13,6 +13,7 @@ it for the next iteration, so a one-shot reader loses nothing; a kept final batc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -282,16 +283,22 @@ def _import_file(target: str) -> Any:
     return module
 
 
-def _import_module(target: str) -> Any:
-    # `bnref-onnx` runs as a console script, whose sys.path lacks the working folder
+@contextlib.contextmanager
+def working_folder_on_path() -> Iterator[None]:
+    """The working folder on ``sys.path`` (a console script's lacks it), to find a reader."""
     added = os.getcwd() not in sys.path
     if added:
         sys.path.insert(0, os.getcwd())
     try:
-        return importlib.import_module(target)
+        yield
     finally:
         if added:
             sys.path.remove(os.getcwd())
+
+
+def _import_module(target: str) -> Any:
+    with working_folder_on_path():
+        return importlib.import_module(target)
 
 
 def _stream(obj: Any, description: str) -> Iterator[Any]:
