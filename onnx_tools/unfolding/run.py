@@ -33,10 +33,11 @@ from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.batchnorms import find_batchnorms
 from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
-from onnx_tools.errors import DataError, ModelError, OptionError, OutputError
+from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
 from onnx_tools.options import check_keywords
-from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
+from onnx_tools.outputs import OutputPath, model_target, write_model
+from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
 from onnx_tools.unfolding.sites import Site, find_sites
 
@@ -237,28 +238,9 @@ def unfold(
     allowed = [*UNFOLD_OPTIONS, *COLLECT_OPTIONS]  # shard/include/exclude: refused with a reason
     check_keywords("unfold", options, allowed)
     analysis = analyze_model(model)
-    target = checked_target(analysis, output, in_place, {"source data": data})
+    reads = RunReads.of(model=analysis, data=data)  # the source data is the run's data
+    target = model_target(analysis.loaded, output, in_place, reads)
     result = unfold_model(analysis, data, **options)
     if target is not None:
         write_model(result.model, target, like=analysis.loaded, in_place=in_place)
     return result
-
-
-def checked_target(analysis: ModelAnalysis, output: Any, in_place: bool,
-                   inputs: dict[str, Any]) -> OutputPath | None:
-    """The output to write (checked before any work), or None to write nothing."""
-    if in_place and output is not None:
-        raise OutputError("give output or in_place, not both")
-    if in_place:
-        if analysis.loaded.path is None:
-            raise OutputError("in_place needs a model path")
-        target = check_output(analysis.loaded.path, in_place=True)
-        check_distinct({"output": target.path}, inputs)
-        return target
-    if isinstance(output, OutputPath):
-        return output
-    if output is None:
-        return None
-    target = check_output(output, input_path=analysis.loaded.path)
-    check_distinct({"output": target.path}, {**inputs, "input model": analysis.loaded.path})
-    return target
