@@ -18,10 +18,11 @@ from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
 from onnx_tools.collection import collect
-from onnx_tools.errors import OptionError, OutputError
+from onnx_tools.errors import OptionError
 from onnx_tools.modelio import LoadedModel
 from onnx_tools.options import check_keywords, check_prior_strength
-from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
+from onnx_tools.outputs import OutputPath, model_target, write_model
+from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
 from onnx_tools.unfolding import UNFOLD_OPTIONS, Site, UnfoldResult, find_sites, unfold_model
@@ -113,7 +114,8 @@ def recalibrate(
     ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
     ``estimator="population"``, ``provider="auto"``, ...). With ``output`` (or ``in_place``
     for a model path) the new model is written atomically and checked; otherwise it is only
-    returned. The input model is never modified unless ``in_place``.
+    returned. The input model is never modified unless ``in_place`` (which takes no
+    ``output``); an output that is a file the run reads is refused (:mod:`onnx_tools.reads`).
     """
     unfold_options = {k: collect_options.pop(k) for k in UNFOLD_OPTIONS if k in collect_options}
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
@@ -123,21 +125,12 @@ def recalibrate(
     analysis = analyze_model(model)
     unfolded = None
     check_prior_strength(prior_strength)  # fail before collecting, not after
-    target = None
-    if in_place:
-        if analysis.loaded.path is None:
-            raise OutputError("in_place needs a model path")
-        target = check_output(analysis.loaded.path, in_place=True)
-        check_distinct({"output": target.path}, {"data": data})
-    elif isinstance(output, OutputPath):
-        target = output  # checked by the caller
-    elif output is not None:
-        target = check_output(output, input_path=analysis.loaded.path)
-        check_distinct({"output": target.path},
-                       {"data": data, "input model": analysis.loaded.path})
+    # Every output is checked against everything the run reads (onnx_tools.reads).
+    reads = RunReads.of(model=analysis, data=data)
     if source is not None:
-        check_distinct({"output": target.path if target is not None else None},
-                       {"source data": source})
+        reads.add_data(source, "source data")
+    target = model_target(analysis.loaded, output, in_place, reads)
+    if source is not None:
         unfolded = unfold_model(analysis, source, **unfold_options, **{
             k: v for k, v in collect_options.items() if k not in ("include", "exclude", "shard")})
         loaded = analysis.loaded

@@ -5,7 +5,9 @@
 * :mod:`onnx_tools.unfolding.insert` — the identity BN inserted after each site, its depth,
   and writing its statistics;
 * :mod:`onnx_tools.unfolding.run` — :func:`unfold_model` / :func:`unfold`: source statistics,
-  exact by depth, and writing the model.
+  exact by depth, and writing the model;
+* :mod:`onnx_tools.unfolding.waves` and :mod:`onnx_tools.unfolding.wave_run` — the network cut
+  into waves by depth, run once each, with the activations later waves read cached on disk.
 """
 
 from onnx_tools.unfolding.insert import InsertedBN

@@ -9,10 +9,13 @@ channel's target moments onto the source moments, as recalibrating the BN-kept m
 
 Depth, exactly: in training mode an inserted BN's output depends on its own statistics
 (they are its scale and bias), so the statistics of a BN at depth d are exact only once
-every inserted BN above it has its final statistics. Pass d runs the model with the BNs of
-depth < d final and collects the BNs of depth d; D passes (D = the deepest) are exact. Each
-pass builds a collection model whose outputs are the statistics of BNs of depth <= d, so
-onnxruntime runs only the part of the network above depth d.
+every inserted BN above it has its final statistics. By default the network runs in waves
+by depth, each part once, with the activations the next waves read cached on disk
+(:mod:`onnx_tools.unfolding.waves`, :mod:`onnx_tools.unfolding.wave_run`). ``waves=False``
+runs D passes from the inputs instead: pass d runs the model with the BNs of depth < d final
+and collects the BNs of depth d (a collection model whose outputs are the statistics of BNs
+of depth <= d, so onnxruntime runs only the part above depth d). Both are exact; they agree
+to float rounding (``tests/onnx_tools/test_unfold.py``).
 """
 
 from __future__ import annotations
@@ -33,12 +36,14 @@ from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.batchnorms import find_batchnorms
 from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
-from onnx_tools.errors import DataError, ModelError, OptionError, OutputError
+from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
 from onnx_tools.options import check_keywords
-from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
+from onnx_tools.outputs import OutputPath, model_target, write_model
+from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
 from onnx_tools.unfolding.sites import Site, find_sites
+from onnx_tools.unfolding.wave_run import run_waves
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +70,9 @@ class UnfoldResult:
     """What :func:`unfold` produced.
 
     ``model``: the unfolded model; ``inserted``: the BNs it added (site, depth, tensors);
-    ``statistics``: each inserted BN's (mean, var) by key; ``passes``: source passes run;
-    ``source_fingerprint``/``num_samples``: the source data used.
+    ``statistics``: each inserted BN's (mean, var) by key; ``passes``: the depth D (waves run,
+    or passes over the source with ``waves=False``); ``source_fingerprint``/``num_samples``:
+    the source data used; ``cache_peak_bytes``: the most the activation cache held on disk.
     """
 
     model: onnx.ModelProto
@@ -78,6 +84,7 @@ class UnfoldResult:
     num_samples: int
     loaded: LoadedModel | None = None
     notes: list[str] = field(default_factory=list)
+    cache_peak_bytes: int = 0
 
     @property
     def sites(self) -> list[Site]:
@@ -183,13 +190,18 @@ def unfold_model(
     sites_include: str | None = None,
     sites_exclude: str | None = None,
     linear_sites: bool = False,
+    waves: bool = True,
+    cache_dir: str | os.PathLike | None = None,
     **collect_options: Any,
 ) -> UnfoldResult:
     """Insert a BN after every folded layer of ``model``, with statistics from ``data``.
 
     ``collect_options`` are :func:`~onnx_tools.collection.collect`'s (``batch_size``,
     ``num_samples``, ``estimator``, ``shuffle``, ``image_options``, ...) but ``shard``,
-    ``include`` and ``exclude``. Nothing is written; :func:`onnx_tools.unfold` writes.
+    ``include`` and ``exclude``. ``waves`` (default): each part of the network runs once and
+    the activations later parts read are cached in a temporary folder under ``cache_dir``
+    (default: the system's; :mod:`onnx_tools.unfolding.waves`); ``waves=False``: D passes
+    from the inputs, nothing cached. Nothing is written; :func:`onnx_tools.unfold` writes.
     """
     for name in _REFUSED:
         if name in collect_options:
@@ -205,16 +217,26 @@ def unfold_model(
                          "rules of `bnref-onnx inspect`; Gemm/MatMul need linear_sites, "
                          "--linear-sites; name them with sites_include, --sites-include)")
     work, inserted = insert_batchnorms(analysis.model, sites, bn_eps)
-    statistics, passes, stats = _run_passes(work, analysis.loaded, inserted, data, bn_eps,
-                                            collect_options)
-    result = UnfoldResult(work, inserted, statistics, passes, bn_eps, stats.data_fingerprint,
-                          stats.num_samples, analysis.loaded, list(stats.notes))
-    _set_metadata(work, _provenance(result, stats.estimator))
+    if waves:
+        run = run_waves(work, analysis.loaded, inserted, data, bn_eps, collect_options,
+                        None if cache_dir is None else os.fspath(cache_dir))
+        summary = run.summary
+        result = UnfoldResult(work, inserted, run.statistics, max(bn.depth for bn in inserted),
+                              bn_eps, str(summary.fingerprint), int(summary.num_samples),
+                              analysis.loaded, list(summary.notes), run.cache_peak_bytes)
+        estimator = run.estimator
+    else:
+        statistics, passes, stats = _run_passes(work, analysis.loaded, inserted, data, bn_eps,
+                                                collect_options)
+        result = UnfoldResult(work, inserted, statistics, passes, bn_eps, stats.data_fingerprint,
+                              stats.num_samples, analysis.loaded, list(stats.notes))
+        estimator = stats.estimator
+    _set_metadata(work, _provenance(result, estimator))
     return result
 
 
 #: Keyword arguments :func:`unfold` passes on to :func:`unfold_model`.
-UNFOLD_OPTIONS = ("bn_eps", "sites_include", "sites_exclude", "linear_sites")
+UNFOLD_OPTIONS = ("bn_eps", "sites_include", "sites_exclude", "linear_sites", "waves", "cache_dir")
 
 
 def unfold(
@@ -237,28 +259,9 @@ def unfold(
     allowed = [*UNFOLD_OPTIONS, *COLLECT_OPTIONS]  # shard/include/exclude: refused with a reason
     check_keywords("unfold", options, allowed)
     analysis = analyze_model(model)
-    target = checked_target(analysis, output, in_place, {"source data": data})
+    reads = RunReads.of(model=analysis, data=data)  # the source data is the run's data
+    target = model_target(analysis.loaded, output, in_place, reads)
     result = unfold_model(analysis, data, **options)
     if target is not None:
         write_model(result.model, target, like=analysis.loaded, in_place=in_place)
     return result
-
-
-def checked_target(analysis: ModelAnalysis, output: Any, in_place: bool,
-                   inputs: dict[str, Any]) -> OutputPath | None:
-    """The output to write (checked before any work), or None to write nothing."""
-    if in_place and output is not None:
-        raise OutputError("give output or in_place, not both")
-    if in_place:
-        if analysis.loaded.path is None:
-            raise OutputError("in_place needs a model path")
-        target = check_output(analysis.loaded.path, in_place=True)
-        check_distinct({"output": target.path}, inputs)
-        return target
-    if isinstance(output, OutputPath):
-        return output
-    if output is None:
-        return None
-    target = check_output(output, input_path=analysis.loaded.path)
-    check_distinct({"output": target.path}, {**inputs, "input model": analysis.loaded.path})
-    return target

@@ -243,3 +243,36 @@ def test_cli(twin, tmp_path):
                          str(folder / "a.npy"), "-o", str(folder / "a.npy"))
     assert rc == 1 and "source data" in err
     assert file_digest(model) == digest
+
+
+def test_waves_equal_passes_and_leave_nothing_behind(twin, tmp_path):
+    """The cached waves (default) and D passes from the inputs give the same statistics."""
+    _, _, folded, a, _ = twin
+    waves = ot.unfold(folded, a, batch_size=16, bn_eps=EPS, cache_dir=tmp_path)
+    passes = ot.unfold(folded, a, batch_size=16, bn_eps=EPS, waves=False)
+    assert waves.passes == passes.passes == 3
+    for key, (mean, var) in passes.statistics.items():
+        np.testing.assert_allclose(waves.statistics[key][0], mean, rtol=1e-6, atol=1e-6 * np.sqrt(var.max()))
+        np.testing.assert_allclose(waves.statistics[key][1], var, rtol=1e-6)
+    assert waves.cache_peak_bytes > 0 and passes.cache_peak_bytes == 0
+    assert list(tmp_path.iterdir()) == []  # the activation cache is removed
+    assert waves.source_fingerprint == passes.source_fingerprint
+
+
+def test_cache_removed_when_a_wave_fails(twin, tmp_path, monkeypatch):
+    _, _, folded, a, _ = twin
+    import onnx_tools.unfolding.wave_run as wave_run
+
+    real = wave_run.run_batch
+    calls = []
+
+    def failing(session, names, feed, index):
+        calls.append(index)
+        if len(calls) == 9:  # in the second wave
+            raise KeyboardInterrupt
+        return real(session, names, feed, index)
+
+    monkeypatch.setattr(wave_run, "run_batch", failing)
+    with pytest.raises(KeyboardInterrupt):
+        ot.unfold(folded, a, batch_size=16, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
