@@ -128,7 +128,7 @@ def test_onnx_tools_unfold_matches_the_reference(digits, trained):
     folded = C.fold(params, precise)
     target = D.apply_shift("noise", xte, 28, seed=1)
     res = onnx_tools.recalibrate(
-        CX.to_onnx(folded, None), CX.nchw(target[:256]), source=CX.nchw(xtr), batch_size=64, provider="cpu"
+        CX.to_onnx(folded, None), CX.nchw(target[:256]), source=CX.nchw(xtr), bn_eps=1e-5, batch_size=64, provider="cpu"
     )
     net, inserted = U.unfold(folded, xtr, 64, 1e-5)
     # float32 reductions in onnxruntime vs float64 in bnref: ~2e-7 relative measured.

@@ -24,7 +24,7 @@ CONV_TEST_FRACTION = 0.2  # 4,000 train / 1,000 test
 CONV_MODEL = C.ConvConfig(batch_size=32, epochs=5, lr=0.1)
 SOURCE_BATCH = 64  # Precise BN before folding, unfold and recalibration all use batches of 64
 POOL = 512  # calibration images: the first 512 of a seeded permutation of the test split
-EPS_PRIME = 1e-5  # the inserted BNs' epsilon in the NumPy reference (the BN-kept net's own)
+EPS_PRIME = 1e-5  # the inserted BNs' epsilon (bn_eps), tool and NumPy reference alike: the BN's own
 
 
 def get_conv_split() -> Split:
@@ -85,7 +85,8 @@ def tool_adapt(folded_model, x_target: np.ndarray, x_source: np.ndarray, batch_s
     from demo.conv_export import nchw
 
     return onnx_tools.recalibrate(
-        folded_model, nchw(x_target), source=nchw(x_source), batch_size=batch_size, provider="cpu"
+        folded_model, nchw(x_target), source=nchw(x_source), bn_eps=EPS_PRIME, batch_size=batch_size,
+        provider="cpu",
     )
 
 
