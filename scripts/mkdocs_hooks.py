@@ -47,7 +47,7 @@ def _pending_text(page: str, entry: dict) -> str | None:
     """The generated text of a pending page, or None when its file exists (or its module does)."""
     module = entry.get("module")
     if module and _module_exists(module):
-        return f"# `{module}`\n\n::: {module}\n"
+        return f"::: {module}\n    options:\n      heading_level: 1\n"
     title = entry.get("title", page)
     return (
         f"# {title}\n\n"
