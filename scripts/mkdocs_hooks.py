@@ -9,7 +9,8 @@
   resolve); once the file exists it is used as is. An entry with a ``module`` is an API page:
   it is ``::: module`` once that module's source exists.
 * A nav entry that names a folder (``experiments/``) lists that folder's pages: its
-  ``README.md`` first, then the others by file name, so a new generated page needs no nav edit.
+  ``README.md`` first, then the others by their title ("1. ...", "2. ..."), so a new generated
+  page needs no nav edit.
 """
 
 from __future__ import annotations
@@ -88,6 +89,12 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
     return LINK.sub(fix, markdown)
 
 
+def _title(path: Path) -> tuple:
+    """A page's first heading, its numbers compared as numbers ("2. x" before "10. y")."""
+    first = next((line for line in path.read_text().splitlines() if line.startswith("# ")), path.name)
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", first))
+
+
 def _expand(nav, docs_dir: Path):
     """``nav`` with each folder entry (``"name/"``) replaced by that folder's pages."""
     if isinstance(nav, list):
@@ -95,9 +102,8 @@ def _expand(nav, docs_dir: Path):
     if isinstance(nav, dict):
         return {key: _expand(value, docs_dir) for key, value in nav.items()}
     if isinstance(nav, str) and nav.endswith("/"):
-        pages = sorted(p.relative_to(docs_dir).as_posix() for p in (docs_dir / nav).glob("*.md"))
-        pages.sort(key=lambda p: not p.endswith("/README.md"))
-        return pages
+        found = sorted((docs_dir / nav).glob("*.md"), key=lambda p: (p.name != "README.md", _title(p)))
+        return [p.relative_to(docs_dir).as_posix() for p in found]
     return nav
 
 
