@@ -157,3 +157,30 @@ def test_link_checker_checks_ids_in_the_built_site(tmp_path):
                                          '<a href="https://example.org/">e</a><a href="q.html">q</a>')
     (tmp_path / "p.html").write_text('<h2 id="z">Z</h2>')
     assert check.check_site(tmp_path) == ["index.html: p.html#y (no such id)", "index.html: q.html (no such file)"]
+
+
+def _griffe_sphinx():
+    griffe = pytest.importorskip("griffe")  # the docs extra (make docs installs it before the tests)
+    module = _script("griffe_sphinx")
+    loader = griffe.GriffeLoader(extensions=griffe.load_extensions(module.SphinxToMarkdown))
+    loader.load("bnref", try_relative_path=True)
+    return module, loader
+
+
+def test_roles_become_cross_references_resolved_in_scope():
+    module, loader = _griffe_sphinx()
+    forward = loader.modules_collection["bnref.precise"]
+    text = module.convert(forward, "See :class:`PreciseBN`, :func:`~bnref.moments.Moments.merge` and :mod:`ast`.")
+    assert '<autoref identifier="bnref.precise.PreciseBN" optional><code>PreciseBN</code></autoref>' in text
+    assert '<autoref identifier="bnref.moments.Moments.merge" optional><code>merge()</code></autoref>' in text
+    assert "<code>ast</code>" in text and "autoref identifier=\"ast\"" not in text  # another library: code only
+    assert ":class:" not in text and ":func:" not in text and ":mod:" not in text
+
+
+def test_literal_blocks_become_fenced_code():
+    module, loader = _griffe_sphinx()
+    obj = loader.modules_collection["bnref"]
+    text = module.convert(obj, "Use it like this::\n\n    import bnref\n    bnref.Moments\n\nThe formula ::\n\n    y = a * b\n\nEnd.")
+    assert text.startswith("Use it like this:\n\n```python\nimport bnref\nbnref.Moments\n```\n")
+    assert "The formula\n\n```python\ny = a * b\n```\n" in text and text.rstrip().endswith("End.")
+    assert module.convert(obj, "A line ending in::\nno indented block") == "A line ending in::\nno indented block"
