@@ -10,7 +10,9 @@
   it is ``::: module`` once that module's source exists.
 * A nav entry that names a folder (``experiments/``) lists that folder's pages: its
   ``README.md`` first, then the others by their title ("1. ...", "2. ..."), so a new generated
-  page needs no nav edit.
+  page needs no nav edit. A pattern (``conformance*.md``) lists the pages it matches that the
+  nav does not name elsewhere; ``"*.md"`` at the end catches a new page nobody placed yet (and
+  says so in the build log), so a page landing from another branch never breaks the build.
 """
 
 from __future__ import annotations
@@ -95,19 +97,43 @@ def _title(path: Path) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", first))
 
 
-def _expand(nav, docs_dir: Path):
-    """``nav`` with each folder entry (``"name/"``) replaced by that folder's pages."""
+def _explicit(nav) -> set[str]:
+    """The pages the nav names one by one."""
     if isinstance(nav, list):
-        return [_expand(item, docs_dir) for item in nav]
+        return set().union(*(_explicit(item) for item in nav)) if nav else set()
     if isinstance(nav, dict):
-        return {key: _expand(value, docs_dir) for key, value in nav.items()}
+        return _explicit(list(nav.values()))
+    return {nav} if isinstance(nav, str) and "*" not in nav and not nav.endswith("/") else set()
+
+
+def _expand(nav, docs_dir: Path, explicit: set[str]):
+    """``nav`` with its folder and pattern entries replaced by their pages; empty sections dropped."""
+    if isinstance(nav, list):
+        items = [_expand(item, docs_dir, explicit) for item in nav]
+        out = []
+        for item in items:
+            if isinstance(item, list):  # a bare pattern or folder: its pages in its place
+                out += item
+            elif not (isinstance(item, dict) and all(v == [] for v in item.values())):
+                out.append(item)
+        return out
+    if isinstance(nav, dict):
+        return {key: _expand(value, docs_dir, explicit) for key, value in nav.items()}
     if isinstance(nav, str) and nav.endswith("/"):
         found = sorted((docs_dir / nav).glob("*.md"), key=lambda p: (p.name != "README.md", _title(p)))
         return [p.relative_to(docs_dir).as_posix() for p in found]
+    if isinstance(nav, str) and "*" in nav:
+        found = sorted(p.relative_to(docs_dir).as_posix() for p in docs_dir.glob(nav))
+        found = [p for p in found if p not in explicit and p not in ("index.md", "README.md")]
+        explicit.update(found)  # a later pattern does not list them again
+        if found and nav == "*.md":
+            log.info("pages not placed in the nav yet (listed under the catch-all): %s", ", ".join(found))
+        return found
     return nav
 
 
 def on_config(config, **kwargs):
-    """Expand folder entries of the nav."""
-    config["nav"] = _expand(config["nav"], Path(config["docs_dir"]))
+    """Expand the folder (``"name/"``) and pattern (``"name*.md"``) entries of the nav."""
+    nav = config["nav"]
+    config["nav"] = _expand(nav, Path(config["docs_dir"]), _explicit(nav))
     return config
