@@ -39,6 +39,7 @@ SHOTS = {
     "api-bnref": ("api/bnref.html", 24000),
     "api-testing": ("api/testing.html", 10000),
     "api-conventions": ("api/conventions.html", 6000),
+    "api-runtime": ("api/runtime.html", 6000),
     "api-onnx_tools": ("api/onnx_tools.html", 40000),
 }
 TILE = 1600  # each PNG is one WIDTH x 1600 tile of the page, top to bottom
