@@ -184,3 +184,28 @@ def test_literal_blocks_become_fenced_code():
     assert text.startswith("Use it like this:\n\n```python\nimport bnref\nbnref.Moments\n```\n")
     assert "The formula\n\n```python\ny = a * b\n```\n" in text and text.rstrip().endswith("End.")
     assert module.convert(obj, "A line ending in::\nno indented block") == "A line ending in::\nno indented block"
+
+
+def test_readme_testing_example_passes_a_correct_bn_and_fails_a_wrong_one():
+    """The 10 lines, with ``...`` filled by a NumPy BN (float64 inside), correct and then wrong."""
+    pytest.importorskip("hypothesis")
+    code = _code_block(README.read_text(), "## Testing your BN in 10 lines")
+    body = (
+        "    axes = tuple(i for i in range(x.ndim) if i != axis % x.ndim)\n"
+        "    shape = [1] * x.ndim; shape[axis] = -1\n"
+        "    x64 = x.astype(np.float64); m, v = x64.mean(axes), x64.var(axes)\n"
+        "    n = x.size // x.shape[axis]\n"
+        "    y = ((x64 - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * scale.reshape(shape)"
+        " + bias.reshape(shape)).astype(x.dtype)\n"
+        "    new_running_mean = (1 - momentum) * running_mean + momentum * m\n"
+        "    new_running_var = (1 - momentum) * running_var + momentum * v * n / (n - BESSEL)\n"
+    )
+    assert "    ...  # your BN in training mode\n" in code
+    code = code.replace("    ...  # your BN in training mode\n", body)
+    code = code.replace("dtype=np.float32)", "dtype=np.float32, max_examples=25)")
+    ns: dict = {"BESSEL": 1}
+    exec(compile(code, "README.md (testing your BN)", "exec"), ns)  # noqa: S102
+    ns["test_my_bn"]()  # PyTorch stores the unbiased variance: passes
+    ns["BESSEL"] = 0  # the biased variance: a classic porting bug
+    with pytest.raises(AssertionError, match="running_var"):
+        ns["test_my_bn"]()
