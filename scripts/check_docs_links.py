@@ -7,7 +7,8 @@ Two views, both needed:
   anchors: lower case, punctuation dropped, each space a hyphen). So the README's links into
   docs/ and the pages' links back to ``../README.md#...`` hold in both directions. A link to a
   page listed under ``extra.pending`` in mkdocs.yml (a page another branch brings) is accepted
-  while that file is missing, without its anchor.
+  while that file is missing, without its anchor. A reference-style link (``[text][label]``)
+  needs its ``[label]: url`` line: mkdocs would resolve it as a cross-reference, GitHub would not.
 * **The built site** (``site/``): every ``href``/``src`` of every HTML page that is not an
   external URL names a file of the site, and its fragment an ``id`` in that file; this covers
   the API reference's cross-references and the home page made from the README.
@@ -32,6 +33,7 @@ COMMENT = re.compile(r"<!--.*?-->", re.S)
 MD_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$", re.M)
 PENDING = re.compile(r"^ {4}([\w/.-]+\.md):", re.M)
+REF_LINK = re.compile(r"\[([^\[\]]+)\]\[([^\[\]]*)\]")
 
 
 def github_slug(heading: str) -> str:
@@ -60,6 +62,14 @@ def markdown_links(path: Path) -> list[str]:
     return MD_LINK.findall(CODE.sub("", text))
 
 
+def undefined_references(path: Path) -> list[str]:
+    """Reference-style links (``[text][label]``) without a ``[label]: url`` line: GitHub shows them raw."""
+    raw = path.read_text()
+    text = CODE.sub("", COMMENT.sub("", FENCE.sub("", raw)))
+    defined = {m.lower() for m in re.findall(r"^ {0,3}\[([^\]]+)\]:", raw, re.M)}
+    return [m.group(0) for m in REF_LINK.finditer(text) if (m.group(2) or m.group(1)).lower() not in defined]
+
+
 def pending_pages(root: Path = ROOT) -> set[Path]:
     """The pages mkdocs.yml lists under ``extra.pending`` (their paths in the repository)."""
     text = (root / "mkdocs.yml").read_text()
@@ -73,6 +83,8 @@ def check_sources(root: Path = ROOT) -> list[str]:
     pending = pending_pages(root)
     errors = []
     for page in [root / "README.md", *sorted((root / "docs").rglob("*.md"))]:
+        errors += [f"{page.relative_to(root)}: {ref} (no [label]: line; GitHub shows it raw)"
+                   for ref in undefined_references(page)]
         for target in markdown_links(page):
             url = urlsplit(target)
             if url.scheme or target.startswith("//"):

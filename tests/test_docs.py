@@ -145,10 +145,14 @@ def test_link_checker_sees_a_broken_anchor_and_file(tmp_path):
     (tmp_path / "docs" / "a.md").write_text("# A page\n\n## Second `part`\n\n[up](../README.md#the-top)\n")
     (tmp_path / "README.md").write_text(
         "# The top\n\n[ok](docs/a.md#second-part) [later](docs/later.md) [bad](docs/a.md#nope) [gone](docs/b.md)\n"
-        "`[code](docs/c.md)`\n"
+        "`[code](docs/c.md)`\n[x][bnref.Moments] [y][def]\n\n[def]: docs/a.md\n"
     )
     errors = check.check_sources(tmp_path)
-    assert errors == ["README.md: docs/a.md#nope (no heading with that anchor)", "README.md: docs/b.md (no such file)"]
+    assert errors == [
+        "README.md: [x][bnref.Moments] (no [label]: line; GitHub shows it raw)",
+        "README.md: docs/a.md#nope (no heading with that anchor)",
+        "README.md: docs/b.md (no such file)",
+    ]
 
 
 def test_link_checker_checks_ids_in_the_built_site(tmp_path):
