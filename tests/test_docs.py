@@ -67,16 +67,16 @@ def test_readme_testing_example_is_ten_lines():
 
 def _bench_blocks():
     update = _script("update_readme")
-    return [(page, name, body) for page in update.pages() for kind, name, body in update.blocks(page.read_text())
-            if kind == "bench"]
+    return [pytest.param(page, name, body, id=f"{page.name}:{name}") for page in update.pages()
+            for kind, name, body in update.blocks(page.read_text()) if kind == "bench"]
 
 
 def test_there_are_bench_blocks():
-    names = {name for _, name, _ in _bench_blocks()}
+    names = {param.values[1] for param in _bench_blocks()}
     assert {"kernels", "process", "images", "recalibrate", "graph"} <= names
 
 
-@pytest.mark.parametrize("page,name,body", _bench_blocks(), ids=lambda v: getattr(v, "name", str(v))[:40])
+@pytest.mark.parametrize("page,name,body", _bench_blocks())
 def test_bench_block_is_what_its_json_renders(page, name, body):
     pytest.importorskip("onnx")
     rendered = _script("update_readme").render_bench(name)
