@@ -14,7 +14,7 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
   ``E[x**2] - E[x]**2`` (clipped at 0) instead of two-pass; differs from bnref only by that
   formula's cancellation error (large when |mean| >> std).
 
-Sources are in each record's ``source`` and in the README's Conventions table; every value
+Sources are in each record's ``source`` and in the conventions table of docs/conventions.md; every value
 is checked against the live framework by the conformance suite (``tests/conformance``, whose
 results are in ``docs/conformance.md``).
 """
