@@ -12,7 +12,9 @@ samples are compared, and the first ``n`` labels are used.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,8 +22,9 @@ import numpy as np
 
 from onnx_tools.analysis import ModelLike
 from onnx_tools.data import BatchPlan, ImageOptions, InputSpec, open_data
-from onnx_tools.errors import DataError, ModelError
+from onnx_tools.errors import DataError, ModelError, short_message
 from onnx_tools.modelio import load_model
+from onnx_tools.options import arg, checked
 from onnx_tools.session import make_session
 
 
@@ -119,18 +122,37 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _read_labels(path: str) -> np.ndarray:
+    """A ``.npy`` file, or a ``.npz`` archive holding exactly one array."""
+    if not os.path.isfile(path):
+        raise DataError(f"{arg('labels')} file not found: {path}")
+    try:
+        with contextlib.ExitStack() as stack:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                stack.callback(loaded.close)
+                if len(loaded.files) != 1:
+                    raise DataError(
+                        f"{arg('labels')} {path} is an .npz archive of {len(loaded.files)} "
+                        f"arrays ({', '.join(loaded.files[:5])}); give a .npy file, or an "
+                        ".npz holding only the labels")
+                loaded = loaded[loaded.files[0]]
+            return loaded
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read {arg('labels')} {path}: {short_message(exc)}") from exc
+
+
 def _load_labels(labels: Any) -> np.ndarray:
+    where = ""
     if isinstance(labels, str | os.PathLike):
-        path = os.fspath(labels)
-        if not os.path.isfile(path):
-            raise DataError(f"labels file not found: {path}")
-        try:
-            labels = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read labels {path}: {exc}") from exc
+        where = f" ({os.fspath(labels)})"
+        labels = _read_labels(os.fspath(labels))
     arr = np.asarray(labels)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise DataError(f"labels must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        raise DataError(f"{arg('labels')} must be a 1-D array of integer class labels, got "
+                        f"{arr.ndim}-D {arr.dtype} of shape {arr.shape}{where}")
     return arr
 
 
@@ -184,6 +206,7 @@ def _finish(o: OutputComparison, n: int, labelled: bool) -> None:
             o.accuracy_a, o.accuracy_b = o._correct[0] / n, o._correct[1] / n
 
 
+@checked()
 def compare_models(
     model_a: ModelLike,
     model_b: ModelLike,

@@ -22,6 +22,7 @@ from onnx_tools import modelio
 from onnx_tools.errors import ModelError, OutputError, short_message
 from onnx_tools.interrupts import signals_held
 from onnx_tools.modelio import LoadedModel, all_tensors, externalize_float_initializers, model_size
+from onnx_tools.options import checked
 
 #: Test injection point, called after the new model is written and checked and before it is
 #: renamed into place (interruption tests raise from it).
@@ -43,6 +44,7 @@ class OutputPath:
         return self.path
 
 
+@checked()
 def check_output(
     out: str | os.PathLike,
     *,
@@ -113,6 +115,7 @@ def _checked(out: str | os.PathLike | OutputPath, input_path: str | None = None,
     return check_output(out, input_path=input_path, in_place=in_place).path
 
 
+@checked()
 def write_model(
     model: onnx.ModelProto,
     out: str | os.PathLike | OutputPath,

@@ -19,7 +19,7 @@ from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
 from onnx_tools.collection import collect
 from onnx_tools.errors import OutputError
-from onnx_tools.options import check_keywords, check_prior_strength
+from onnx_tools.options import arg, check_keywords, check_prior_strength, checked
 from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
@@ -79,6 +79,7 @@ class RecalibrationResult:
     applied: ApplyResult
 
 
+@checked(extra=collect)
 def recalibrate(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -101,7 +102,7 @@ def recalibrate(
     target = None
     if in_place:
         if analysis.loaded.path is None:
-            raise OutputError("in_place needs a model path")
+            raise OutputError(f"{arg('in_place')} needs a model path")
         target = check_output(analysis.loaded.path, in_place=True)
         check_distinct({"output": target.path}, {"data": data})
     elif isinstance(output, OutputPath):

@@ -7,7 +7,6 @@ Every output is checked once, before any work (:func:`_check_outputs`), and the 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
 from onnx_tools.apply import apply_stats
@@ -15,6 +14,7 @@ from onnx_tools.batchnorms import EXPORT_ADVICE
 from onnx_tools.collection import collect
 from onnx_tools.compare import compare_models
 from onnx_tools.errors import OutputError
+from onnx_tools.jsonout import strict_dumps
 from onnx_tools.outputs import (
     OutputPath,
     atomic_write_bytes,
@@ -104,7 +104,7 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     desc = describe_model(args.model)
     if args.json:
-        _print(json.dumps({"model": args.model, **desc.to_dict()}, indent=2))
+        _print(strict_dumps({"model": args.model, **desc.to_dict()}))
         return 0
     for line in _format_description(args.model, desc):
         _print(line)
@@ -194,7 +194,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_samples=args.num_samples, provider=args.provider,
         image_options=_image_options(args),
     )
-    _print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    _print(strict_dumps(result.to_dict()) if args.json else result.format())
     return 0
 
 
