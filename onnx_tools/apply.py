@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
-from onnx_tools.batchnorms import BatchNormInfo
+from onnx_tools.batchnorms import BatchNormInfo, check_supported
 from onnx_tools.errors import ModelError, StatsError
 from onnx_tools.graph import TensorSource, UniqueNamer
 from onnx_tools.modelio import LoadedModel
@@ -274,6 +274,7 @@ def apply_stats(
     analysis = analyze_model(model)
     if not isinstance(stats, CollectedStats):
         stats = load_stats(stats)
+    check_supported(analysis.model)
     _check_applicable(analysis, stats)
     check_prior_strength(prior_strength)
     est = stats.estimator if estimator is None else estimator

@@ -112,6 +112,58 @@ def batchnorms_in_subgraphs(model: onnx.ModelProto) -> list[str]:
     """Names (with their If/Loop/Scan path) of BN nodes inside control-flow bodies."""
     return list(_bn_in_subgraphs(model.graph))
 
+
+def _is_bn(node: onnx.NodeProto) -> bool:
+    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+
+
+def batchnorms_in_functions(model: onnx.ModelProto) -> list[str]:
+    """BN nodes inside model-local functions, each as ``domain.Function (called by ...) > BN``.
+
+    torch.onnx's ``export_modules_as_functions`` puts a module's BN there; its statistics
+    then reach it through the function's inputs at each call site.
+    """
+    callers: dict[tuple[str, str], list[str]] = {}
+    graphs = [("main graph", model.graph)] + [(f"{f.domain}.{f.name}", f) for f in model.functions]
+    for where, holder in graphs:
+        for node in holder.node:
+            callers.setdefault((node.domain, node.op_type), []).append(
+                f"{node.name or node.output[0]} in {where}" if where != "main graph"
+                else node.name or node.output[0])
+    found = []
+    for f in model.functions:
+        inner = [n for n in f.node if _is_bn(n)]
+        inner += [n for node in f.node for sub in subgraphs(node) for n in sub.node if _is_bn(n)]
+        called = callers.get((f.domain, f.name), [])
+        calls = f"called by {', '.join(called[:3])}{' ...' if len(called) > 3 else ''}" \
+            if called else "never called"
+        found += [f"function {f.domain}.{f.name} ({calls}) > {n.name or n.output[0]}"
+                  for n in inner]
+    return found
+
+
+#: What to do about BN inside model-local functions (not recalibrated).
+FUNCTION_ADVICE = (
+    "inline the functions first (onnx.inliner.inline_local_functions(model), then save it) "
+    "or export without torch.onnx's export_modules_as_functions"
+)
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Refuse a model with BN where it cannot be recalibrated (control flow, local functions).
+
+    Refused as a whole, not just those BNs: recalibrating the others would leave a model
+    whose BNs disagree on the data they were calibrated on, with nothing said.
+    """
+    for found, where, advice in (
+        (batchnorms_in_subgraphs(model), "a control-flow body", ""),
+        (batchnorms_in_functions(model), "a model-local function", f"; {FUNCTION_ADVICE}"),
+    ):
+        if found:
+            raise ModelError(f"BatchNormalization inside {where} is not supported: "
+                             + "; ".join(found[:5]) + (" ..." if len(found) > 5 else "")
+                             + advice)
+
 def _channels(index: GraphIndex, node: onnx.NodeProto, values: dict) -> int | None:
     for role in ROLES:
         v = values.get(role)

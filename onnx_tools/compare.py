@@ -178,6 +178,19 @@ def _check_inputs(specs_a: list[InputSpec], specs_b: list[InputSpec]) -> None:
             f"the two models have different inputs ({describe(specs_a)} vs "
             f"{describe(specs_b)}); they cannot share data"
         )
+    for a, b in zip(specs_a, specs_b, strict=True):
+        if a.shape is None or b.shape is None:
+            continue
+        clash = len(a.shape) != len(b.shape) or any(
+            isinstance(x, int) and isinstance(y, int) and x != y
+            or isinstance(x, int) != isinstance(y, int) and i == 0  # one static batch
+            for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)))
+        if clash:
+            raise DataError(
+                f"input {a.name!r} has shape {a.describe_shape()} in model A and "
+                f"{b.describe_shape()} in model B (rank, batch or size differ); the same "
+                "batches cannot feed both"
+            )
 
 
 def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray | None) -> None:
@@ -197,6 +210,16 @@ def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray
         if lab is not None:
             o._correct[0] += int(np.sum(pa == lab))
             o._correct[1] += int(np.sum(pb == lab))
+
+
+def _run(session: Any, which: str, names: list[str], feed: dict[str, np.ndarray],
+         index: int) -> list[np.ndarray]:
+    """One batch through one model; any onnxruntime failure becomes a :class:`DataError`."""
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise DataError(f"batch {index}: onnxruntime could not run model {which} on it: "
+                        f"{short_message(exc, 300)}") from exc
 
 
 def _finish(o: OutputComparison, n: int, labelled: bool) -> None:
@@ -229,9 +252,9 @@ def compare_models(
     sess_b, _ = make_session(b.model, provider)
     pairs = _pair_outputs(sess_a, sess_b)
     n = 0
-    for _index, feed in source.batches(plan):
-        ya_all = sess_a.run([o.output_a for o in pairs], feed)
-        yb_all = sess_b.run([o.output_b for o in pairs], feed)
+    for index, feed in source.batches(plan):
+        ya_all = _run(sess_a, "A", [o.output_a for o in pairs], feed, index)
+        yb_all = _run(sess_b, "B", [o.output_b for o in pairs], feed, index)
         rows = len(next(iter(feed.values())))
         lab = None
         if label_arr is not None:

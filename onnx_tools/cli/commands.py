@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass
 
 from onnx_tools.apply import apply_stats
-from onnx_tools.batchnorms import EXPORT_ADVICE
+from onnx_tools.batchnorms import EXPORT_ADVICE, FUNCTION_ADVICE
 from onnx_tools.collection import collect
 from onnx_tools.compare import compare_models
 from onnx_tools.errors import OutputError
@@ -79,7 +79,7 @@ def _print(text: str) -> None:
 
 def _format_description(name: str, desc: ModelDescription) -> list[str]:
     lines = []
-    if not desc.batchnorms:
+    if not desc.batchnorms and not desc.in_functions and not desc.in_subgraphs:
         lines.append(f"{name}: no BatchNormalization node in the main graph; {EXPORT_ADVICE}.")
     for bn in desc.batchnorms:
         s = bn.summary()
@@ -96,6 +96,9 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
     if desc.in_subgraphs:
         lines.append("BatchNormalization inside control-flow bodies (not supported): "
                      + "; ".join(desc.in_subgraphs))
+    if desc.in_functions:
+        lines.append("BatchNormalization inside model-local functions (not supported; "
+                     f"{FUNCTION_ADVICE}): " + "; ".join(desc.in_functions))
     if desc.batchnorms:
         lines.append(f"{len(desc.batchnorms)} BatchNormalization node(s)")
     return lines

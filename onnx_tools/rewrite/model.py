@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_tools.batchnorms import BatchNormInfo, batchnorms_in_subgraphs, find_batchnorms
+from onnx_tools.batchnorms import BatchNormInfo, check_supported, find_batchnorms
 from onnx_tools.errors import ModelError
 from onnx_tools.graph import UniqueNamer, domain_opset
 from onnx_tools.rewrite.emit import (
@@ -128,13 +128,7 @@ def _runnable_selection(
     exclude: str | None, base_dir: str | None,
 ) -> tuple[onnx.ModelProto, list[BatchNormInfo]]:
     """The model onnxruntime can run and its selected BNs (found in *that* model)."""
-    nested = batchnorms_in_subgraphs(model)
-    if nested:
-        raise ModelError(
-            "BatchNormalization inside a control-flow body is not supported: "
-            + "; ".join(nested[:5])
-            + (" ..." if len(nested) > 5 else "")
-        )
+    check_supported(model)
     work = upgrade_old_opset(model)
     if bns is None or work is not model:  # the converter may renumber nodes: find them anew
         bns = find_batchnorms(work, base_dir)
