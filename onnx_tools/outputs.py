@@ -22,7 +22,7 @@ from onnx_tools import modelio
 from onnx_tools.errors import ModelError, OutputError, short_message
 from onnx_tools.interrupts import signals_held
 from onnx_tools.modelio import LoadedModel, all_tensors, externalize_float_initializers, model_size
-from onnx_tools.options import checked
+from onnx_tools.options import checked, setting
 
 #: Test injection point, called after the new model is written and checked and before it is
 #: renamed into place (interruption tests raise from it).
@@ -74,7 +74,8 @@ def check_output(
         and os.path.exists(input_path)
         and os.path.samefile(out, input_path)
     ):
-        raise OutputError(f"{what} {out} is the input model; overwrite it only in place (in_place=True, --in-place)")
+        raise OutputError(f"{what} {out} is the input model; overwrite it only in place "
+                          f"({setting('in_place', True)})")
     return OutputPath(out, what)
 
 

@@ -129,7 +129,10 @@ def _check_outputs(args: argparse.Namespace) -> _Targets:
     if in_place:
         output = check_output(args.model, in_place=True)
     else:
-        output = check_output(args.output, input_path=getattr(args, "model", None))
+        # Only a command with --in-place may suggest it; collect's STATS onto the model is
+        # refused below like any output onto an input.
+        output = check_output(args.output, input_path=getattr(args, "model", None)
+                              if hasattr(args, "in_place") else None)
     report = check_output(args.report, what="report") if getattr(args, "report", None) else None
     inputs: dict[str, object] = {"data": getattr(args, "data", None)}
     if not in_place:
