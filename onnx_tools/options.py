@@ -95,9 +95,8 @@ def _is_path(v: object) -> bool:
 
 
 def _is_image_options(v: object) -> bool:
-    from onnx_tools.data.images import ImageOptions
-
-    return isinstance(v, ImageOptions)
+    # By name: onnx_tools.data imports this module (no import cycle).
+    return type(v).__name__ == "ImageOptions" and type(v).__module__.startswith("onnx_tools.")
 
 
 #: Argument name -> (type test, what it must be). None is allowed where the default is None.

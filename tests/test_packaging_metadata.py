@@ -7,6 +7,7 @@ every build; an SPDX expression string needs setuptools >= 77 in the build requi
 from __future__ import annotations
 
 import re
+
 import tomllib
 
 from tests.onnx_tools.helpers import ROOT
