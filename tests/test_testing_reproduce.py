@@ -17,7 +17,6 @@ from hypothesis import settings
 
 import bnref.testing as bt
 from bnref.conventions import PYTORCH
-from bnref.testing.check import decode_case, encode_case
 from tests.test_testing_for_users import _user_bn
 
 ADVICE = re.compile(r"^Reproduce this failure: add reproduce=('bnref-case:[^']*') to this "
@@ -62,6 +61,8 @@ def test_printed_reproduction_reproduces_the_failure(no_database, mistake):
 
 
 def test_reproduce_of_a_passing_implementation_passes_and_garbage_is_refused():
+    from bnref.testing.check import decode_case, encode_case
+
     rng = np.random.default_rng(0)
     case = bt.BNCase(x=rng.normal(size=(4, 3, 2)).astype(np.float32),
                      scale=rng.uniform(0.5, 2, 3).astype(np.float32),

@@ -23,7 +23,6 @@ from onnx import numpy_helper
 
 import bnref
 import onnx_tools as ot
-from onnx_tools.jsonout import strict_dumps
 from tests.onnx_tools.helpers import (
     CNN_TEXT,
     cnn_data,
@@ -195,6 +194,8 @@ _json_values = st.recursive(
 
 @given(document=st.dictionaries(st.text(alphabet="ab/~", max_size=3), _json_values, max_size=5))
 def test_strict_dumps_nulls_and_names_every_non_finite_value(document):
+    from onnx_tools.jsonout import strict_dumps
+
     document.pop("non_finite", None)
     parsed = _strict(strict_dumps(document))
     finite_leaves = []
