@@ -135,7 +135,7 @@ def _write(
         inserts.setdefault(bn.index, []).append(const)
     else:
         graph.initializer.append(numpy_helper.from_array(new, name))
-    node.input[3 if role == "mean" else 4] = name
+    node.input[bn.input_position(role)] = name  # the BN, or the call site of its function
     return None, name
 
 
@@ -275,6 +275,7 @@ def apply_stats(
     if not isinstance(stats, CollectedStats):
         stats = load_stats(stats)
     check_supported(analysis.model)
+    analysis.check_supported()
     _check_applicable(analysis, stats)
     check_prior_strength(prior_strength)
     est = stats.estimator if estimator is None else estimator

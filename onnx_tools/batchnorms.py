@@ -19,7 +19,7 @@ from onnx_tools.graph import GraphIndex, TensorSource, attribute, domain_opset, 
 
 #: Index of each BatchNormalization input, by role.
 ROLES = ("scale", "bias", "mean", "var")
-_ROLE_INDEX = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
+ROLE_INDEX = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
 #: How to keep BN in an export; printed when a model has none.
 EXPORT_ADVICE = (
     "it was probably folded into the preceding Conv/Gemm at export. Export with BN kept: "
@@ -47,6 +47,14 @@ class BatchNormInfo:
     training_mode: bool = False
     extra_outputs: tuple[str, ...] = ()
     spatial: int = 1
+    #: For a BN inside a model-local function: the call site (``index`` is its node index),
+    #: role -> position of the call's input that feeds it, and where it is, for messages.
+    call_inputs: dict[str, int] | None = None
+    function: str | None = None
+
+    def input_position(self, role: str) -> int:
+        """Which input of node ``index`` feeds ``role`` (the call's input for a function BN)."""
+        return self.call_inputs[role] if self.call_inputs else ROLE_INDEX[role]
 
     @property
     def key(self) -> str:
@@ -85,6 +93,7 @@ class BatchNormInfo:
             "momentum": self.momentum,
             "opset": self.opset,
             "training_mode": self.training_mode,
+            "function": self.function,
             "storage": {
                 role: {
                     "kind": src.kind,
@@ -113,36 +122,7 @@ def batchnorms_in_subgraphs(model: onnx.ModelProto) -> list[str]:
     return list(_bn_in_subgraphs(model.graph))
 
 
-def _is_bn(node: onnx.NodeProto) -> bool:
-    return node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
-
-
-def batchnorms_in_functions(model: onnx.ModelProto) -> list[str]:
-    """BN nodes inside model-local functions, each as ``domain.Function (called by ...) > BN``.
-
-    torch.onnx's ``export_modules_as_functions`` puts a module's BN there; its statistics
-    then reach it through the function's inputs at each call site.
-    """
-    callers: dict[tuple[str, str], list[str]] = {}
-    graphs = [("main graph", model.graph)] + [(f"{f.domain}.{f.name}", f) for f in model.functions]
-    for where, holder in graphs:
-        for node in holder.node:
-            callers.setdefault((node.domain, node.op_type), []).append(
-                f"{node.name or node.output[0]} in {where}" if where != "main graph"
-                else node.name or node.output[0])
-    found = []
-    for f in model.functions:
-        inner = [n for n in f.node if _is_bn(n)]
-        inner += [n for node in f.node for sub in subgraphs(node) for n in sub.node if _is_bn(n)]
-        called = callers.get((f.domain, f.name), [])
-        calls = f"called by {', '.join(called[:3])}{' ...' if len(called) > 3 else ''}" \
-            if called else "never called"
-        found += [f"function {f.domain}.{f.name} ({calls}) > {n.name or n.output[0]}"
-                  for n in inner]
-    return found
-
-
-#: What to do about BN inside model-local functions (not recalibrated).
+#: What to do about a BN inside a model-local function that cannot be recalibrated.
 FUNCTION_ADVICE = (
     "inline the functions first (onnx.inliner.inline_local_functions(model), then save it) "
     "or export without torch.onnx's export_modules_as_functions"
@@ -150,19 +130,17 @@ FUNCTION_ADVICE = (
 
 
 def check_supported(model: onnx.ModelProto) -> None:
-    """Refuse a model with BN where it cannot be recalibrated (control flow, local functions).
+    """Refuse a model with BN inside control-flow bodies (not recalibrated).
 
     Refused as a whole, not just those BNs: recalibrating the others would leave a model
-    whose BNs disagree on the data they were calibrated on, with nothing said.
+    whose BNs disagree on the data they were calibrated on, with nothing said. (BN inside
+    model-local functions: :mod:`onnx_tools.functions`.)
     """
-    for found, where, advice in (
-        (batchnorms_in_subgraphs(model), "a control-flow body", ""),
-        (batchnorms_in_functions(model), "a model-local function", f"; {FUNCTION_ADVICE}"),
-    ):
-        if found:
-            raise ModelError(f"BatchNormalization inside {where} is not supported: "
-                             + "; ".join(found[:5]) + (" ..." if len(found) > 5 else "")
-                             + advice)
+    nested = batchnorms_in_subgraphs(model)
+    if nested:
+        raise ModelError("BatchNormalization inside a control-flow body is not supported: "
+                         + "; ".join(nested[:5]) + (" ..." if len(nested) > 5 else ""))
+
 
 def _channels(index: GraphIndex, node: onnx.NodeProto, values: dict) -> int | None:
     for role in ROLES:
@@ -185,7 +163,7 @@ def find_batchnorms(model: onnx.ModelProto, base_dir: str | None = None) -> list
             continue
         if len(node.input) < 5 or not all(node.input[:5]):
             raise ModelError(f"BatchNormalization {node.name or i!r} does not have 5 inputs")
-        sources = {role: index.resolve(i, _ROLE_INDEX[role]) for role in ROLES}
+        sources = {role: index.resolve(i, ROLE_INDEX[role]) for role in ROLES}
         values = {role: index.value(src, base_dir) for role, src in sources.items()}
         training = bool(attribute(node, "training_mode", 0))
         if opset < 7:

@@ -270,11 +270,14 @@ def collect(
         raise OptionError(f"{arg('seed')} has no effect without {arg('shuffle')}: the samples "
                           "are taken in stored order")
     analysis = analyze_model(model)
+    analysis.check_supported()
 
     def build(training_kernel: bool) -> CollectionModel:
+        inlined = analysis.functions.inlined is not None  # its BNs are found in the copy
         return build_collection_model(
-            analysis.model, include=include, exclude=exclude, base_dir=analysis.loaded.base_dir,
-            bns=analysis.batchnorms, training_kernel=training_kernel, batch_size=batch_size)
+            analysis.collection_model, include=include, exclude=exclude,
+            base_dir=analysis.loaded.base_dir, bns=None if inlined else analysis.batchnorms,
+            training_kernel=training_kernel, batch_size=batch_size)
 
     cm = build(cpu_only(provider))
     source = _open_source(analysis, data, image_options)

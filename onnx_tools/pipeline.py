@@ -20,7 +20,6 @@ from onnx_tools.batchnorms import (
     EXPORT_ADVICE,
     FUNCTION_ADVICE,
     BatchNormInfo,
-    batchnorms_in_functions,
     batchnorms_in_subgraphs,
 )
 from onnx_tools.collection import collect
@@ -43,7 +42,8 @@ class ModelDescription:
     def advice(self) -> str | None:
         """What to do when the model's BNs cannot be recalibrated (or it has none at all)."""
         if self.in_functions:
-            return f"BatchNormalization inside model-local functions: {FUNCTION_ADVICE}"
+            return ("BatchNormalization inside model-local functions that cannot be "
+                    f"recalibrated: {FUNCTION_ADVICE}")
         if self.batchnorms or self.in_subgraphs:
             return None
         return f"no BatchNormalization: {EXPORT_ADVICE}"
@@ -64,7 +64,7 @@ def describe_model(model: ModelLike | ModelAnalysis) -> ModelDescription:
     """Every BN of the main graph (channels, eps, momentum, storage) and those in subgraphs."""
     analysis = analyze_model(model)
     return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model),
-                            batchnorms_in_functions(analysis.model))
+                            analysis.functions.unsupported)
 
 
 def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:

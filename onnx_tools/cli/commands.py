@@ -87,7 +87,8 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
         if s["var_mean"] is not None and s["mean_abs_mean"] is not None:
             stats = (f"|mean| avg {s['mean_abs_mean']:.4g}, var min/avg/max "
                      f"{s['var_min']:.4g}/{s['var_mean']:.4g}/{s['var_max']:.4g}")
-        lines.append(f"{bn.label}  (output {bn.output})")
+        lines.append(f"{bn.label}  (output {bn.output})"
+                     + (f"  in {bn.function}" if bn.function else ""))
         lines.append(f"  channels {bn.channels}, eps {bn.epsilon:g}, momentum {bn.momentum:g}, "
                      f"opset {bn.opset}{', training_mode=1' if bn.training_mode else ''}")
         for role in ("mean", "var", "scale", "bias"):
@@ -97,7 +98,8 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
         lines.append("BatchNormalization inside control-flow bodies (not supported): "
                      + "; ".join(desc.in_subgraphs))
     if desc.in_functions:
-        lines.append("BatchNormalization inside model-local functions (not supported; "
+        lines.append("BatchNormalization inside model-local functions that cannot be "
+                     "recalibrated ("
                      f"{FUNCTION_ADVICE}): " + "; ".join(desc.in_functions))
     if desc.batchnorms:
         lines.append(f"{len(desc.batchnorms)} BatchNormalization node(s)")
