@@ -276,7 +276,7 @@ class ImageFolderSource(IndexedSource):
             self.size = (DEFAULT_SIZE, DEFAULT_SIZE)
             self._open_notes.append(
                 f"image size {DEFAULT_SIZE}x{DEFAULT_SIZE} (the model's input has dynamic "
-                "height/width; set the crop image option)"
+                f"height/width; set {arg('image_options.crop')})"
             )
         if len(self.size) != 2 or min(self.size) < 1:
             raise DataError(f"image crop must be positive (height, width), got {options.crop!r}")

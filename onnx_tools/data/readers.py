@@ -30,7 +30,7 @@ from onnx_tools.data.plan import BatchPlan, partial_batch_error
 from onnx_tools.data.source import DataSource
 from onnx_tools.data.spec import Feed, InputSpec, cast_rule, check_sample_shape
 from onnx_tools.errors import DataError
-from onnx_tools.options import setting
+from onnx_tools.options import arg, setting
 
 #: ``"module:function"`` or ``"some/file.py:function"``; a Windows drive letter ``C:`` is not
 #: a module.
@@ -143,7 +143,7 @@ class ReaderSource(DataSource):
     def _refuse_shuffle(plan: BatchPlan) -> None:
         if plan.shuffle:
             raise DataError(
-                "shuffle needs data that can be read by index (.npy, .npz, images); "
+                f"{arg('shuffle')} needs data that can be read by index (.npy, .npz, images); "
                 "a reader is a stream: shuffle inside the reader instead"
             )
 

@@ -102,6 +102,9 @@ def images(tmp_path):
     ("apply-calibration-data", "is not a STATS file: it holds x"),
     ("labels-npz", "--labels"),
     ("labels-float", "--labels must be a 1-D array of integer class labels, got 1-D float64"),
+    ("include-none", "the --include/--exclude patterns select none"),
+    ("include-invalid", "invalid --include/--exclude regular expression"),
+    ("provider-cuda", "--provider cuda: "),
 ])
 def test_cli_messages(tmp_path, cnn_files, images, case, needle):
     model, data = cnn_files
@@ -123,7 +126,15 @@ def test_cli_messages(tmp_path, cnn_files, images, case, needle):
                        tmp_path / "labels.npz"],
         "labels-float": ["compare", model, model, "--data", data, "--labels",
                          tmp_path / "labels_f.npy"],
+        "include-none": [*rec, "--data", data, "--include", "nothing-matches"],
+        "include-invalid": [*rec, "--data", data, "--include", "("],
+        "provider-cuda": [*rec, "--data", data, "--provider", "cuda", "--batch-size", "8"],
     }[case]
+    if case == "provider-cuda":
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            pytest.skip("CUDA is built in here")
     digest, before = file_digest(model), listing(tmp_path)
     code, _, err = run_cli(*args)
     _assert_cli_terms(err)
