@@ -75,11 +75,13 @@ class BatchNormInfo:
             "var_mean": None,
             "var_max": None,
         }
-        if mean is not None:
-            out["mean_abs_mean"] = float(np.mean(np.abs(mean.astype(np.float64))))
-        if var is not None:
-            v = var.astype(np.float64)
-            out.update(var_min=float(v.min()), var_mean=float(v.mean()), var_max=float(v.max()))
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf stored: no warning
+            if mean is not None:
+                out["mean_abs_mean"] = float(np.mean(np.abs(mean.astype(np.float64))))
+            if var is not None:
+                v = var.astype(np.float64)
+                out.update(var_min=float(v.min()), var_mean=float(v.mean()),
+                           var_max=float(v.max()))
         return out
 
     def to_dict(self) -> dict:

@@ -201,8 +201,9 @@ def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray
     o.nonfinite_a += int(ya.size - np.count_nonzero(np.isfinite(ya)))
     o.nonfinite_b += int(yb.size - np.count_nonzero(np.isfinite(yb)))
     if ya.size:  # np.maximum propagates NaN: a broken output never reads as a match
-        o.max_abs_diff = float(np.maximum(o.max_abs_diff,
-                                          np.max(np.abs(ya.astype(np.float64) - yb))))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted above
+            o.max_abs_diff = float(np.maximum(o.max_abs_diff,
+                                              np.max(np.abs(ya.astype(np.float64) - yb))))
     o.classifier = ya.ndim == 2 and ya.shape[1] > 1
     if o.classifier:
         pa, pb = np.argmax(ya, axis=1), np.argmax(yb, axis=1)

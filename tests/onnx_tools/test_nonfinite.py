@@ -159,7 +159,15 @@ def test_non_finite_statistics_are_never_written(tmp_path, clean_stats):
     assert listing(tmp_path) == before
 
 
-def test_inspect_and_compare_json_are_strict(tmp_path):
+@pytest.fixture
+def warnings_are_errors():
+    """A NumPy RuntimeWarning escaping a command fails the test (pytest would hide it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_inspect_and_compare_json_are_strict(tmp_path, warnings_are_errors):
     init = cnn_initializers()
     init["m1"][:] = np.nan  # every output of this model is NaN
     init["v2"][0] = np.inf
@@ -181,6 +189,28 @@ def test_inspect_and_compare_json_are_strict(tmp_path):
     assert doc["nonfinite_b"] == 8 * 5
     code, out, _ = run_cli("inspect", good, "--json")
     assert _strict(out)["non_finite"] == []
+
+
+def test_infinities_of_both_signs_raise_no_warning(tmp_path, warnings_are_errors):
+    init = cnn_initializers()
+    init["v1"][:2], init["m1"][:2] = [np.inf, -np.inf], [np.inf, -np.inf]
+    onnx.save(make_model(CNN_TEXT, init, opset=15, ir=8), tmp_path / "infs.onnx")
+    for sign in (1, -1):  # outputs +inf and -inf: their difference is NaN
+        out = cnn_initializers()
+        out["o3"][:] = sign * np.inf
+        onnx.save(make_model(CNN_TEXT, out, opset=15, ir=8), tmp_path / f"out{sign}.onnx")
+    np.save(tmp_path / "x.npy", cnn_data(16))
+    code, text, err = run_cli("inspect", tmp_path / "infs.onnx")
+    assert code == 0, err
+    code, text, err = run_cli("compare", tmp_path / "out1.onnx", tmp_path / "out-1.onnx",
+                              "--data", tmp_path / "x.npy", "--json")
+    assert code == 0, err
+    assert _strict(text)["max_abs_diff"] is None
+    code, _, err = run_cli("recalibrate", tmp_path / "infs.onnx", "--data", tmp_path / "x.npy",
+                           "-o", tmp_path / "o.onnx", "--batch-size", "8", "--report",
+                           tmp_path / "r.json")
+    assert code == 0, err
+    assert all(np.isfinite(v).all() for v in _initializers(tmp_path / "o.onnx").values())
 
 
 _json_values = st.recursive(
