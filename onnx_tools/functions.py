@@ -84,10 +84,12 @@ def function_batchnorms(model: onnx.ModelProto, base_dir: str | None) -> Functio
     if not any(_is_bn(n) for f in model.functions for n in f.node):
         return FunctionBatchNorms()
     inlined = onnx.inliner.inline_local_functions(model)
-    found = [bn for bn in find_batchnorms(inlined, base_dir)]
+    found = find_batchnorms(inlined, base_dir)
     order = _expanded_bns(model, functions)
-    if len(order) != len(found):  # e.g. a BN inside control flow: refused elsewhere
-        return FunctionBatchNorms(inlined, [], [])
+    if len(order) != len(found):  # never seen: the inliner expanded something else
+        return FunctionBatchNorms(inlined, [], [
+            f"the inlined model has {len(found)} BatchNormalization nodes where its functions "
+            f"and main graph hold {len(order)}: their call sites cannot be matched"])
     index = GraphIndex(model)
     result = FunctionBatchNorms(inlined)
     for bn, (call, origin) in zip(found, order, strict=True):
