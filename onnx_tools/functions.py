@@ -47,8 +47,8 @@ def _why_unsupported(function: onnx.FunctionProto, bn: onnx.NodeProto) -> str | 
     for role in ("mean", "var"):
         name = bn.input[ROLE_INDEX[role]]
         if name not in formal:
-            return (f"its {role} lives in the function body, shared by every call site "
-                    "(specializing per call site is not supported)")
+            return (f"its {role} lives in the function body, not at a call site (writing "
+                    "into a function body, or specializing it per call site, is not supported)")
         readers = sum(list(n.input).count(name) for n in function.node)
         if readers > 1 or name in function.output:
             return f"the function reads its {role} input elsewhere too"
