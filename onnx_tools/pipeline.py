@@ -16,10 +16,15 @@ import onnx
 
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
-from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
+from onnx_tools.batchnorms import (
+    EXPORT_ADVICE,
+    FUNCTION_ADVICE,
+    BatchNormInfo,
+    batchnorms_in_subgraphs,
+)
 from onnx_tools.collection import collect
 from onnx_tools.errors import OptionError, OutputError
-from onnx_tools.options import check_keywords, check_prior_strength
+from onnx_tools.options import arg, check_keywords, check_prior_strength, checked
 from onnx_tools.outputs import OutputPath, check_model_output, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
@@ -32,17 +37,24 @@ class ModelDescription:
 
     batchnorms: list[BatchNormInfo]
     in_subgraphs: list[str] = field(default_factory=list)
+    in_functions: list[str] = field(default_factory=list)
 
     @property
     def advice(self) -> str | None:
-        """How to export with BN kept, when the model has no BN at all."""
-        return None if self.batchnorms else f"no BatchNormalization: {EXPORT_ADVICE}"
+        """What to do when the model's BNs cannot be recalibrated (or it has none at all)."""
+        if self.in_functions:
+            return ("BatchNormalization inside model-local functions that cannot be "
+                    f"recalibrated: {FUNCTION_ADVICE}")
+        if self.batchnorms or self.in_subgraphs:
+            return None
+        return f"no BatchNormalization: {EXPORT_ADVICE}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``inspect --json``)."""
         out: dict[str, Any] = {
             "batchnorms": [bn.to_dict() for bn in self.batchnorms],
             "in_subgraphs": list(self.in_subgraphs),
+            "in_functions": list(self.in_functions),
         }
         if self.advice:
             out["advice"] = self.advice
@@ -52,7 +64,8 @@ class ModelDescription:
 def describe_model(model: ModelLike | ModelAnalysis) -> ModelDescription:
     """Every BN of the main graph (channels, eps, momentum, storage) and those in subgraphs."""
     analysis = analyze_model(model)
-    return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model))
+    return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model),
+                            analysis.functions.unsupported)
 
 
 def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
@@ -80,6 +93,7 @@ class RecalibrationResult:
     applied: ApplyResult
 
 
+@checked(extra=collect)
 def recalibrate(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -108,7 +122,7 @@ def recalibrate(
     target = None
     if in_place:
         if analysis.loaded.path is None:
-            raise OutputError("in_place needs a model path")
+            raise OutputError(f"{arg('in_place')} needs a model path")
         target = check_model_output(analysis.loaded.path, reads, in_place=True)
     elif isinstance(output, OutputPath):
         target = output  # checked by the caller

@@ -335,9 +335,14 @@ def test_a_session_error_is_not_hidden_by_the_bad_batch_made_ahead(monkeypatch):
 
 
 def test_image_threads_must_be_a_positive_integer(mixed_folder):
-    for bad in (0, -1, 1.5, True):
-        with pytest.raises(DataError, match="image threads must be a positive integer"):
+    # Checked when the options are made (issue 19): a value out of range is an OptionError,
+    # a value of another type (1.5, True) an OptionTypeError, never coerced.
+    for bad in (0, -1):
+        with pytest.raises(ot.OptionError, match="threads must be a positive integer"):
             open_data(mixed_folder, one_input("N, 3, 8, 8"), ImageOptions(threads=bad))
+    for bad in (1.5, True):
+        with pytest.raises(ot.OptionTypeError, match="threads must be an integer"):
+            ImageOptions(threads=bad)
 
 
 def test_decode_pool_raises_the_first_error_in_item_order():
