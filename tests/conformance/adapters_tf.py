@@ -177,10 +177,11 @@ def _torchable(a):
 
 
 def _np(t):
+    """A NumPy copy (torch's ``.numpy()`` shares memory with a variable the next call updates)."""
     if hasattr(t, "detach"):
         t = t.detach().cpu()
-        return t.float().numpy() if str(t.dtype) == "torch.bfloat16" else t.numpy()
-    return np.asarray(t)
+        t = t.float() if str(t.dtype) == "torch.bfloat16" else t
+    return np.array(t, copy=True)
 
 
 def keras_layer(module: str = "keras") -> BatchNormImpl:

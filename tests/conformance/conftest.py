@@ -37,6 +37,12 @@ def tf_worker():
 @pytest.fixture(scope="session")
 def keras_torch_worker():
     """Keras 3 on the torch backend, in the main environment (the backend is fixed per process)."""
+    import importlib.util
+
+    # find_spec, not import: importing keras here would fix this process's backend
+    missing = [m for m in ("torch", "keras") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"Keras on torch needs {missing} in this environment")
     yield from _worker("main", KERAS_BACKEND="torch")
 
 
