@@ -246,8 +246,11 @@ MXNET = Convention(
     eps=1e-5,
     unbiased_running_var=False,
     channel_axis=1,
-    source="src/operator/nn/batch_norm.cc (CPU: biased var); gluon nn.BatchNorm epsilon=1e-5 (symbol BatchNorm eps=1e-3)",
-    notes="cuDNN path updates with the unbiased variance.",
+    source="src/operator/nn/batch_norm.cc (CPU: biased var); gluon nn.BatchNorm epsilon=1e-5 (symbol BatchNorm eps=1e-3, fix_gamma=True); measured with 1.9.1 in tests/conformance/test_mxnet.py",
+    notes=(
+        "cuDNN path updates with the unbiased variance (not run here). The moving statistics "
+        "move in the backward pass: a training-mode forward alone leaves them unchanged."
+    ),
 )
 PADDLE = Convention(
     name="paddle",
