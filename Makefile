@@ -10,12 +10,13 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_CORPUS := $(VENV)/.stamp-corpus
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean
+.PHONY: help install test test-all test-slow test-corpus test-reference fuzz lint demo experiment bench clean
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
 	@echo "make test-all    also install the frameworks extra (torch, torchvision, jax, flax, keras, fvcore) and run everything (CI)"
 	@echo "make test-slow   the large cases behind the 'slow' marker"
+	@echo "make test-reference  TensorFlow/tf-keras/Keras-on-TF-and-torch/Paddle/MXNet live, each in its own .venv-<name>"
 	@echo "make test-corpus the whole exporter-dialect corpus (torchvision x torch.onnx, paddle2onnx, tf2onnx, shipped models)"
 	@echo "make fuzz        long hypothesis runs (profile 'fuzz') of the property and fuzz suites"
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
@@ -66,6 +67,21 @@ test-all: lint $(STAMP_FW) $(STAMP_DEMO) $(STAMP_CORPUS)
 test-corpus: $(STAMP_FW) $(STAMP_CORPUS)
 	BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) tests/corpus -m "" --durations=10
 
+# Frameworks that cannot share .venv (numpy/protobuf/onnx pins) get one venv each, pinned in
+# tests/conformance/envs/<name>.txt; the tests drive them through a worker process
+# (tests/conformance/remote.py). Their golden vectors are checked in `make test` without them.
+REF_ENVS := tf paddle mxnet
+REF_STAMPS := $(foreach e,$(REF_ENVS),.venv-$(e)/.stamp)
+
+.venv-%/.stamp: tests/conformance/envs/%.txt
+	$(PYTHON) -m venv .venv-$*
+	@start=$$(date +%s); .venv-$*/bin/python -m pip install -q -r $< && \
+	  echo ".venv-$* installed in $$(( $$(date +%s) - start )) s"
+	touch $@
+
+test-reference: lint $(STAMP_FW) $(REF_STAMPS)
+	BNREF_REQUIRE_REFERENCE=1 BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m reference tests/conformance tests/corpus --durations=5
+
 test-slow: $(STAMP_TEST)
 	$(PYTEST) -m slow
 
@@ -87,4 +103,4 @@ bench: $(STAMP_FW)
 	$(PY) scripts/update_readme.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
+	rm -rf $(VENV) $(foreach e,$(REF_ENVS),.venv-$(e)) .pytest_cache .hypothesis .ruff_cache *.egg-info
