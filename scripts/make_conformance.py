@@ -98,7 +98,7 @@ CONVENTIONS = [
     ("PaddlePaddle `nn.BatchNorm1D/2D/3D`, `nn.functional.batch_norm`",
      "new = m·old + (1−m)·batch, m = 0.9 (a float32 attribute: float64 updates use float32(0.9)); "
      "`use_global_stats=True`: normalizes with the running statistics and leaves them",
-     "1e-5, inside sqrt (float32 attribute)", "biased (CPU kernel)", "1 (NCHW; NHWC, NLC, NDHWC "
+     "1e-5, inside sqrt", "biased (CPU kernel)", "1 (NCHW; NHWC, NLC, NDHWC "
      "via data_format)",
      "python/paddle/nn/layer/norm.py (`_BatchNormBase`); phi batch_norm CPU kernel (float32 and "
      "float64 only: float16/bfloat16 are not registered on the CPU)",
@@ -146,6 +146,55 @@ PRECISE = [
      "test_pytorch.py::test_swa_update_bn_is_mean_of_variances"),
 ]
 
+
+EXPORTS = [
+    "## Real exports against the framework's own statistics",
+    "",
+    "`tests/corpus/test_live_exports.py` (in `make test-all` and `make test-reference`): the "
+    "exporting framework runs its model in training mode on the same batches, bnref pools its "
+    "per-batch moments with the `population` estimator, and that must be what `bnref-onnx "
+    "recalibrate` writes into the exported file (relative tolerance 1e-4, "
+    "`tests/corpus/reference.py`).",
+    "",
+    "| export | framework run live | BNs | checked |",
+    "|---|---|---|---|",
+    "| `tests/corpus/data/tf2onnx_no_bn_fusion.onnx`, `tf2onnx_unoptimized.onnx` (tf2onnx, "
+    "`make_tf2onnx.py`) | TF 2.21 `FusedBatchNormV3`, training mode (Bessel-corrected batch "
+    "variance, undone before pooling) | 2 | statistics equal; TF's variance taken as-is fails |",
+    "| `tests/corpus/data/paddle2onnx_bn.onnx` (paddle2onnx 2.1, `enable_optimize=False` keeps "
+    "BN; `make_paddle2onnx.py` in `.venv-paddle`, 5 KB) | Paddle 3.3 `BatchNorm2D`, training "
+    "mode, momentum 0 | 2 | statistics equal; momentum/epsilon attributes are Paddle's; the "
+    "file's own statistics fail |",
+]
+
+NOT_RUN = [
+    "## Not run here (unverified, as recorded)",
+    "",
+    "- MXNet's cuDNN path (unbiased running variance): needs a CUDA build of MXNet 1.9.1; "
+    "the CPU build runs above.",
+    "- MXNet bfloat16 (an AMP/oneDNN path): not run.",
+    "- PaddlePaddle float16/bfloat16: no CPU kernel (asserted by "
+    "`test_paddle.py::test_half_precision_has_no_cpu_kernel`); the GPU kernels are not run.",
+    "- Keras 3 (JAX) float64: JAX runs float32 unless x64 is enabled process-wide; not run.",
+]
+
+RUNNING = [
+    "## Running it, and what it costs",
+    "",
+    "`make test-reference` creates `.venv-tf` (tensorflow-cpu 2.21, tf-keras 2.21, Keras 3), "
+    "`.venv-paddle` (paddlepaddle 3.3.1, paddle2onnx 2.1, onnx 1.17) and `.venv-mxnet` (mxnet "
+    "1.9.1, numpy < 1.24: 1.9.1 still uses `np.bool`) from `tests/conformance/envs/*.txt` and "
+    "runs the `reference`-marked tests; `make test-all` (CI) does the same as part of "
+    "everything. `BNREF_PYTHON_<NAME>` points a test run at another environment's Python. "
+    "Without the environments the live tests skip (an error under `BNREF_REQUIRE_REFERENCE=1`), "
+    "and `tests/golden` still checks bnref against their saved outputs.",
+    "",
+    "Measured on this 2-core machine: installing the three environments took 62 + 22 + 11 s "
+    "idle and 187 + 69 + 38 s (5.6 min with venv creation) under a load average of 7; the "
+    "`reference` tests (97, including Keras 3 on torch and the real-export checks) took 80 s "
+    "under the same load. Against `make test-all`'s ~8 min in CI that is ~3–7 min more, inside "
+    "the ~20 min budget, so CI runs them.",
+]
 
 def run_suite() -> int:
     """Run tests/conformance with the JSON recorder switched on; return pytest's exit code."""
@@ -237,6 +286,7 @@ def render(data: dict) -> str:
         "|---|---|---|---|---|",
     ]
     out += [f"| {' | '.join(c)} |" for c in PRECISE]
+    out += [""] + EXPORTS + [""] + NOT_RUN + [""] + RUNNING
     out += [
         "",
         "## Findings from running the frameworks",
@@ -260,11 +310,11 @@ def render(data: dict) -> str:
         "Bessel-corrected batch variance into the moving variance: `TF_KERAS2.unbiased_running_var` "
         "was False and is True (2-D/3-D inputs stay biased: use `KERAS` there).",
         "- MXNet 1.9.1 moves its running statistics in the backward pass, so a forward-only "
-        "statistics pass (Precise BN) changes nothing there; PyTorch, Keras, TF and Paddle update "
-        "in the forward.",
-        "- float32 attributes: Paddle's and MXNet's momentum and eps, and tf-keras 2's decay "
+        "statistics pass (Precise BN) changes nothing there; PyTorch, Flax, Keras, TF and Paddle "
+        "update in the forward.",
+        "- float32 parameters: Paddle's and MXNet's momentum, and tf-keras 2's decay "
         "1 − momentum, are float32 even in float64 layers (as ONNX's): float64 rows compare with "
-        "float32-rounded values. Keras 3 on torch computes float64 layers in float32 "
+        "float32-rounded values (Paddle's eps is rounded too; MXNet's eps is a double). Keras 3 on torch computes float64 layers in float32 "
         "(`result_type(float64, \"float32\")` is float32 there): its float64 row is held to "
         "float32's bound.",
         "- bfloat16: PyTorch, Flax, Keras 3 (JAX, TensorFlow, torch), TF's fused op and "

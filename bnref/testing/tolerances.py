@@ -54,8 +54,7 @@ class Tolerance:
 
     @classmethod
     def for_dtype(cls, dtype: np.dtype, k: float | None = None) -> Tolerance:
-        """Default ``k`` (module doc): 8 for float16 and bfloat16, 64 for float32 (and others),
-        1e4 for float64."""
+        """Default ``k`` (module doc): 8 for float16 and bfloat16, 64 for float32, 1e4 for float64."""
         dtype = np.dtype(dtype)
         default_k = {np.float16: 8.0, np.float32: 64.0, np.float64: 1e4}.get(dtype.type, 64.0)
         if dtype.name == "bfloat16":  # ml_dtypes' type: np.finfo does not know it
