@@ -41,6 +41,16 @@ def impl_call(*arrays, builder: str, builder_kwargs: dict, method: str, kwargs: 
     return getattr(impl, method)(*arrays, **kwargs)
 
 
+def echo(*arrays, fail: bool = False, as_json: bool = False):
+    """The arrays back (one array alone, several as a tuple), their dtypes as JSON, or a
+    ``ValueError``: what ``test_remote`` checks the protocol with."""
+    if fail:
+        raise ValueError("echo was asked to fail")
+    if as_json:
+        return [a.dtype.name for a in arrays]
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
+
+
 def versions() -> dict:
     """Python, NumPy and the framework packages this environment has."""
     from importlib.metadata import PackageNotFoundError, version
