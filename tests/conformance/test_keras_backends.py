@@ -10,7 +10,15 @@ import pytest
 
 from bnref.conventions import KERAS
 from bnref.testing import Tolerance, check_case
-from tests.conformance._lib import batches, check_updates, compare, make_case, shape_with_channels, with_eps
+from tests.conformance._lib import (
+    batches,
+    check_updates,
+    compare,
+    make_case,
+    replay,
+    shape_with_channels,
+    with_eps,
+)
 from tests.conformance.remote import remote_impl
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -70,12 +78,6 @@ def test_several_updates(matrix, keras_worker, momentum):
     framework, _ = _row(keras_worker)
     xs = batches(shape_with_channels(4, -1), -1, np.float32, 5, seed=7)
     got_m, got_v = keras_worker.call("adapters_tf:keras_updates", *xs, module="keras", momentum=momentum)
-    it = iter(range(len(xs)))
-
-    def step(_x):
-        i = next(it)
-        return got_m[i], got_v[i]
-
-    check_updates(matrix, framework, "layers.BatchNormalization", keras_worker.versions["keras"], step,
+    check_updates(matrix, framework, "layers.BatchNormalization", keras_worker.versions["keras"], replay(got_m, got_v),
                   lambda rm, rv, mo: KERAS.update(rm, rv, mo, momentum=momentum), xs,
                   np.zeros(3), np.ones(3), axis=-1, variant=f"5 updates, momentum={momentum}")

@@ -11,7 +11,15 @@ import pytest
 
 from bnref.conventions import MXNET
 from bnref.testing import check_case
-from tests.conformance._lib import batches, check_updates, compare, make_case, shape_with_channels, with_eps
+from tests.conformance._lib import (
+    batches,
+    check_updates,
+    compare,
+    make_case,
+    replay,
+    shape_with_channels,
+    with_eps,
+)
 from tests.conformance.remote import remote_impl
 
 pytestmark = [pytest.mark.frameworks, pytest.mark.reference]
@@ -66,12 +74,6 @@ def test_moving_statistics_move_in_the_backward_pass(mxnet_worker):
 def test_gluon_several_updates(matrix, mxnet_worker, momentum):
     xs = batches(shape_with_channels(4, 1), 1, np.float32, 5, seed=7)
     got_m, got_v = mxnet_worker.call("adapters_mxnet:gluon_updates", *xs, momentum=momentum)
-    it = iter(range(len(xs)))
-
-    def step(_x):
-        i = next(it)
-        return got_m[i], got_v[i]
-
-    check_updates(matrix, "MXNet", "gluon.nn.BatchNorm", mxnet_worker.versions["mxnet"], step,
+    check_updates(matrix, "MXNet", "gluon.nn.BatchNorm", mxnet_worker.versions["mxnet"], replay(got_m, got_v),
                   lambda rm, rv, mo: MXNET.update(rm, rv, mo, momentum=momentum), xs,
                   np.zeros(3), np.ones(3), axis=1, variant=f"5 updates, momentum={momentum}")

@@ -10,7 +10,15 @@ import pytest
 
 from bnref.conventions import PADDLE
 from bnref.testing import check_case
-from tests.conformance._lib import batches, check_updates, compare, make_case, shape_with_channels, with_eps
+from tests.conformance._lib import (
+    batches,
+    check_updates,
+    compare,
+    make_case,
+    replay,
+    shape_with_channels,
+    with_eps,
+)
 from tests.conformance.remote import WorkerError, remote_impl
 
 pytestmark = [pytest.mark.frameworks, pytest.mark.reference]
@@ -68,14 +76,8 @@ def test_use_global_stats_normalizes_with_the_running_statistics(paddle_worker):
 def test_several_updates(matrix, paddle_worker, momentum):
     xs = batches(shape_with_channels(4, 1), 1, np.float32, 5, seed=7)
     got_m, got_v = paddle_worker.call("adapters_paddle:updates", *xs, momentum=momentum)
-    it = iter(range(len(xs)))
-
-    def step(_x):
-        i = next(it)
-        return got_m[i], got_v[i]
-
     check_updates(matrix, "PaddlePaddle", "nn.BatchNorm1D/2D/3D", paddle_worker.versions["paddlepaddle"],
-                  step, lambda rm, rv, mo: PADDLE.update(rm, rv, mo, momentum=momentum), xs,
+                  replay(got_m, got_v), lambda rm, rv, mo: PADDLE.update(rm, rv, mo, momentum=momentum), xs,
                   np.zeros(3), np.ones(3), axis=1, variant=f"5 updates, momentum={momentum}")
 
 

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from bnref.conventions import KERAS, TF_FUSED, TF_KERAS2
-from tests.conformance._lib import batches, check_updates, compare, make_case, shape_with_channels, with_eps
+from tests.conformance._lib import (
+    batches,
+    check_updates,
+    compare,
+    make_case,
+    replay,
+    shape_with_channels,
+    with_eps,
+)
 from tests.conformance.remote import remote_impl
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -134,13 +142,7 @@ def test_tf_keras2_several_updates(matrix, tf_worker, rank, momentum):
     shape = shape_with_channels(rank, -1)
     xs = batches(shape, -1, np.float32, 5, seed=7)
     got_m, got_v = tf_worker.call("adapters_tf:keras_updates", *xs, module="tf_keras", momentum=momentum)
-    it = iter(range(len(xs)))
     conv = tf_keras2_for(rank)
-
-    def step(_x):
-        i = next(it)
-        return got_m[i], got_v[i]
-
     check_updates(matrix, "tf-keras 2", "layers.BatchNormalization", tf_worker.versions["tf-keras"],
-                  step, lambda rm, rv, mo: conv.update(rm, rv, mo, momentum=momentum), xs,
+                  replay(got_m, got_v), lambda rm, rv, mo: conv.update(rm, rv, mo, momentum=momentum), xs,
                   np.zeros(3), np.ones(3), axis=-1, variant=f"5 updates, rank {rank}, momentum={momentum}")
