@@ -73,7 +73,7 @@ def check_channel_vector(
             return np.full(channels, fill, dtype=np.float64)
         raise ValueError(f"{name} must be a vector of length {channels}, got None")
     arr = np.asarray(v)
-    if arr.dtype.kind not in "fiu":
+    if arr.dtype.kind not in "fiu" and arr.dtype not in _extra_float_dtypes():  # bfloat16: kind "V"
         raise TypeError(f"{name} must be numeric, got dtype {arr.dtype}")
     if arr.shape != (channels,):
         raise ValueError(

@@ -6,7 +6,8 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
   what it multiplies: ``"batch"`` (PyTorch: ``new = (1 - m) * old + m * batch``) or
   ``"running"`` (Keras, Flax, ONNX, MXNet, Paddle: ``new = m * old + (1 - m) * batch``).
 * ``eps`` — default epsilon, always added inside the square root; ``min_eps`` is a floor the
-  framework silently applies (raw TF fused batch norm clamps to 1.001e-5).
+  framework silently applies (none of the recorded ones does: TF 2.21's fused batch norm no
+  longer clamps to 1.001e-5 on the CPU).
 * ``unbiased_running_var`` — whether the batch variance that enters the running variance is
   Bessel-corrected (n / (n - 1)). Normalization itself always uses the biased variance.
 * ``channel_axis`` — default channel axis for the framework's N-d layer.
@@ -14,7 +15,7 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
   ``E[x**2] - E[x]**2`` (clipped at 0) instead of two-pass; differs from bnref only by that
   formula's cancellation error (large when |mean| >> std).
 
-Sources are in each record's ``source`` and in the README's Conventions table; every value
+Sources are in each record's ``source`` and in the conventions table of docs/conventions.md; every value
 is checked against the live framework by the conformance suite (``tests/conformance``, whose
 results are in ``docs/conformance.md``).
 """
@@ -187,10 +188,18 @@ TF_KERAS2 = Convention(
     momentum=0.99,
     momentum_weights="running",
     eps=1e-3,
-    unbiased_running_var=False,
+    unbiased_running_var=True,
     channel_axis=-1,
-    source="tf_keras/src/layers/normalization/batch_normalization.py: fused path multiplies the fused op's Bessel-corrected variance by (n-1)/n",
-    notes="virtual_batch_size = ghost BN (bnref.ghost_batch_norm_train).",
+    source=(
+        "tf_keras/src/layers/normalization/batch_normalization.py 2.21: the fused path (4-D/5-D "
+        "input, the default there) passes exponential_avg_factor=1-momentum to the fused op, whose "
+        "Bessel-corrected batch variance enters the moving variance (_bessels_correction_test_only"
+        "=True skips the (n-1)/n); measured in tests/conformance/test_tensorflow.py"
+    ),
+    notes=(
+        "2-D/3-D inputs, fused=False, renorm or virtual_batch_size take the plain path: biased "
+        "(use KERAS there). virtual_batch_size = ghost BN (bnref.ghost_batch_norm_train)."
+    ),
 )
 TF_FUSED = Convention(
     name="tf_fused",
@@ -199,9 +208,12 @@ TF_FUSED = Convention(
     eps=1e-3,
     unbiased_running_var=True,
     channel_axis=-1,
-    min_eps=1.001e-5,
-    source="tensorflow/python/ops/nn_impl.py fused_batch_norm (min_epsilon=1.001e-5, exponential_avg_factor=1.0); core/kernels/fused_batch_norm_op.cc (Bessel-corrected batch var)",
-    notes="momentum here is exponential_avg_factor: the weight of the batch.",
+    source="tensorflow/python/ops/nn_impl.py fused_batch_norm (2.21: exponential_avg_factor=1.0, no eps floor); core/kernels/fused_batch_norm_op.cc (Bessel-corrected batch var)",
+    notes=(
+        "momentum here is exponential_avg_factor: the weight of the batch. The raw op's default "
+        "epsilon is 1e-4. TF 2.21 applies no eps floor on the CPU (earlier wrappers clamped to "
+        "1.001e-5 for cuDNN; measured in tests/conformance/test_tensorflow.py)."
+    ),
 )
 FLAX = Convention(
     name="flax",
@@ -234,8 +246,11 @@ MXNET = Convention(
     eps=1e-5,
     unbiased_running_var=False,
     channel_axis=1,
-    source="src/operator/nn/batch_norm.cc (CPU: biased var); gluon nn.BatchNorm epsilon=1e-5 (symbol BatchNorm eps=1e-3)",
-    notes="cuDNN path updates with the unbiased variance.",
+    source="src/operator/nn/batch_norm.cc (CPU: biased var); gluon nn.BatchNorm epsilon=1e-5 (symbol BatchNorm eps=1e-3, fix_gamma=True); measured with 1.9.1 in tests/conformance/test_mxnet.py",
+    notes=(
+        "cuDNN path updates with the unbiased variance (not run here). The moving statistics "
+        "move in the backward pass: a training-mode forward alone leaves them unchanged."
+    ),
 )
 PADDLE = Convention(
     name="paddle",

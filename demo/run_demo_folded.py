@@ -110,7 +110,7 @@ def print_summary(rows, clean: float, held: int, n_source: int) -> None:
         "difference of the two adapted models' logits over the largest logit) is not 0 because unfold saw\n"
         f"{n_source} of the 4000 images the statistics were folded from; with all of them it is ~1e-5. Unfolding\n"
         "reproduces the statistics the model was folded with (an EMA error at export time is kept; γ, β are not\n"
-        "recoverable). 5 seeds: docs/folded_models.md, docs/experiments/conv_shift.md, unfold_sources.md."
+        "recoverable). 5 seeds: docs/folded_deployment.md, docs/experiments/conv_shift.md, unfold_sources.md."
     )
 
 

@@ -15,16 +15,19 @@ The command line (``bnref-onnx``, ``python -m onnx_tools``) is a thin layer over
     ot.write_model(applied.model, "fixed.onnx", like=applied.loaded)
     ot.compare_models("model.onnx", "fixed.onnx", "val.npz", labels="val_labels.npy")
 
-Where things live (the README's "Where each concept lives" table has the full map):
+Where things live (docs/layout.md has the full map):
 :mod:`~onnx_tools.pipeline` (``recalibrate``, ``inspect_model``),
 :mod:`~onnx_tools.batchnorms` (finding BN) and :mod:`~onnx_tools.graph` (where tensors are
 stored), :mod:`~onnx_tools.analysis` (a model's BNs and fingerprint, worked out once),
+:mod:`~onnx_tools.functions` (BN inside model-local functions),
 :mod:`~onnx_tools.rewrite` (the training-mode collection model),
 :mod:`~onnx_tools.session` (onnxruntime sessions), :mod:`~onnx_tools.collection` (running it and
 aggregating with ``bnref.PreciseBN``), :mod:`~onnx_tools.stats` (STATS files, merging
 shards), :mod:`~onnx_tools.apply` (writing statistics back), :mod:`~onnx_tools.report`
 (drift), :mod:`~onnx_tools.compare`, :mod:`~onnx_tools.data` (calibration data),
 :mod:`~onnx_tools.modelio` (loading) and :mod:`~onnx_tools.outputs` (atomic writes),
+:mod:`~onnx_tools.options` (every option's type and value, checked once),
+:mod:`~onnx_tools.jsonout` (strict JSON),
 :mod:`~onnx_tools.unfolding` (``unfold``: BN back into models whose exporter folded it),
 :mod:`~onnx_tools.cli`.
 """

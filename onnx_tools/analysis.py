@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnx_tools.batchnorms import BatchNormInfo, find_batchnorms
+from onnx_tools.batchnorms import FUNCTION_ADVICE, BatchNormInfo, find_batchnorms
+from onnx_tools.errors import ModelError
 from onnx_tools.fingerprint import model_fingerprint
+from onnx_tools.functions import FunctionBatchNorms, function_batchnorms
 from onnx_tools.modelio import LoadedModel, load_model
 
 #: Everything the API accepts as a model.
@@ -31,13 +33,27 @@ class ModelAnalysis:
 
     loaded: LoadedModel
     batchnorms: list[BatchNormInfo]
+    functions: FunctionBatchNorms = field(default_factory=FunctionBatchNorms)
 
     @property
     def model(self) -> onnx.ModelProto:
         """The model itself (all tensor data in memory)."""
         return self.loaded.model
 
-    _fingerprints: dict[frozenset[str], str] = field(default_factory=dict, repr=False)
+    @property
+    def collection_model(self) -> onnx.ModelProto:
+        """What collection runs: the model, with its local functions inlined if any holds a BN."""
+        return self.functions.inlined if self.functions.inlined is not None else self.model
+
+    def check_supported(self) -> None:
+        """Refuse BNs inside local functions that cannot be recalibrated, naming each."""
+        bad = self.functions.unsupported
+        if bad:
+            raise ModelError("BatchNormalization inside a model-local function that cannot be "
+                             "recalibrated: " + "; ".join(bad[:5])
+                             + (" ..." if len(bad) > 5 else "") + f"; {FUNCTION_ADVICE}")
+
+    _fingerprints: dict[frozenset[str], str] = field(default_factory=dict, init=False, repr=False)
 
     def statistics_storage(self, keys: Iterable[str]) -> frozenset[str]:
         """Tensors holding the running mean/var of the BNs ``keys`` that nothing else reads."""
@@ -57,7 +73,7 @@ class ModelAnalysis:
         """
         skip = self.statistics_storage(keys)
         if skip not in self._fingerprints:
-            self._fingerprints[skip] = model_fingerprint(self.loaded.model, skip)
+            self._fingerprints[skip] = model_fingerprint(self.collection_model, skip)
         return self._fingerprints[skip]
 
 
@@ -66,4 +82,6 @@ def analyze_model(model: ModelLike | ModelAnalysis) -> ModelAnalysis:
     if isinstance(model, ModelAnalysis):
         return model
     loaded = load_model(model)
-    return ModelAnalysis(loaded, find_batchnorms(loaded.model, loaded.base_dir))
+    functions = function_batchnorms(loaded.model, loaded.base_dir)
+    return ModelAnalysis(loaded, find_batchnorms(loaded.model, loaded.base_dir)
+                         + functions.batchnorms, functions)

@@ -32,11 +32,11 @@ from onnx import helper, numpy_helper
 
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
-from onnx_tools.batchnorms import BatchNormInfo
+from onnx_tools.batchnorms import BatchNormInfo, check_supported
 from onnx_tools.errors import ModelError, StatsError
 from onnx_tools.graph import TensorSource, UniqueNamer
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_estimator, check_prior_strength
+from onnx_tools.options import arg, check_estimator, check_prior_strength, checked
 from onnx_tools.report import DriftReport, bn_drift
 from onnx_tools.stats import CollectedStats, load_stats
 
@@ -101,9 +101,14 @@ def _write(
             f"({src.storage!r}), not stored in the model: nothing to write it into"
         )
     value = np.asarray(value)
-    with np.errstate(over="ignore"):
+    if not np.all(np.isfinite(value)):  # the last gate: no NaN/Inf is ever written
+        raise ModelError(
+            f"the new {role} of BatchNormalization {bn.label!r} holds "
+            f"{int(np.count_nonzero(~np.isfinite(value)))} non-finite value(s); nothing written"
+        )
+    with np.errstate(over="ignore", invalid="ignore"):
         new = value.astype(old.dtype).reshape(old.shape)
-    if np.issubdtype(old.dtype, np.floating) and not np.all(np.isfinite(new)) and np.all(np.isfinite(value)):
+    if np.issubdtype(old.dtype, np.floating) and not np.all(np.isfinite(new)):
         # float16 statistics overflow at 65504: writing inf would silently break the model.
         raise ModelError(
             f"the new {role} of BatchNormalization {bn.label!r} does not fit in the model's "
@@ -130,7 +135,7 @@ def _write(
         inserts.setdefault(bn.index, []).append(const)
     else:
         graph.initializer.append(numpy_helper.from_array(new, name))
-    node.input[3 if role == "mean" else 4] = name
+    node.input[bn.input_position(role)] = name  # the BN, or the call site of its function
     return None, name
 
 
@@ -158,8 +163,35 @@ def _check_applicable(analysis: ModelAnalysis, stats: CollectedStats) -> None:
         )
 
 
+def _blend(bn: BatchNormInfo, new_mean: np.ndarray, new_var: np.ndarray, n: int,
+           prior_strength: float, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The prior blended in, but only on channels whose stored statistics can be a prior.
+
+    A channel whose stored mean or variance is NaN/Inf (a diverged run) or whose variance is
+    negative carries no information to trust: it takes the new statistics alone, and a note
+    says which. Refusing instead would leave the user no way to keep the prior elsewhere.
+    """
+    old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
+    if old_mean is None or old_var is None:
+        raise ModelError(f"a prior strength needs the stored statistics of {bn.label!r}")
+    old_mean = np.asarray(old_mean, np.float64).reshape(new_mean.shape)
+    old_var = np.asarray(old_var, np.float64).reshape(new_var.shape)
+    with np.errstate(invalid="ignore"):
+        bad = ~(np.isfinite(old_mean) & np.isfinite(old_var)) | (old_var < 0)
+    if bad.any():
+        notes.append(
+            f"{arg('prior_strength')}: BatchNormalization {bn.label!r} stores non-finite or "
+            f"negative statistics in {int(bad.sum())} of {bad.size} channel(s); those take "
+            "the new statistics alone (no prior)"
+        )
+        logger.warning("%s", notes[-1])
+        old_mean, old_var = np.where(bad, new_mean, old_mean), np.where(bad, new_var, old_var)
+    return bnref.blend_prior(old_mean, old_var, new_mean, new_var, n, prior_strength)
+
+
 def _new_statistics(bn: BatchNormInfo, stats: CollectedStats, estimator: str, bessel: bool,
-                    prior_strength: float | None) -> tuple[np.ndarray, np.ndarray]:
+                    prior_strength: float | None,
+                    notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The mean and variance to write into ``bn`` (with the prior blended in, if any)."""
     precise = stats.precise(bn.key, estimator, bessel)
     new_mean, new_var = precise.mean, precise.var
@@ -169,12 +201,8 @@ def _new_statistics(bn: BatchNormInfo, stats: CollectedStats, estimator: str, be
             f"{new_mean.size}"
         )
     if prior_strength:
-        old_mean, old_var = bn.values.get("mean"), bn.values.get("var")
-        if old_mean is None or old_var is None:
-            raise ModelError(f"a prior strength needs the stored statistics of {bn.label!r}")
-        new_mean, new_var = bnref.blend_prior(
-            old_mean, old_var, new_mean, new_var, stats.num_samples, prior_strength
-        )
+        new_mean, new_var = _blend(bn, new_mean, new_var, stats.num_samples, prior_strength,
+                                   notes)
     return new_mean, new_var
 
 
@@ -221,6 +249,7 @@ def _provenance(stats: CollectedStats, est: str, bes: bool,
     return meta, props
 
 
+@checked()
 def apply_stats(
     model: ModelLike | ModelAnalysis,
     stats: CollectedStats | str | os.PathLike,
@@ -245,6 +274,8 @@ def apply_stats(
     analysis = analyze_model(model)
     if not isinstance(stats, CollectedStats):
         stats = load_stats(stats)
+    check_supported(analysis.model)
+    analysis.check_supported()
     _check_applicable(analysis, stats)
     check_prior_strength(prior_strength)
     est = stats.estimator if estimator is None else estimator
@@ -259,12 +290,12 @@ def apply_stats(
     namer = UniqueNamer(out)
     initializers = {t.name: t for t in out.graph.initializer}  # by name, built once
     inserts: dict[int, list[onnx.NodeProto]] = {}
-    rows, written, added = [], [], []
+    rows, written, added, notes = [], [], [], []
     for key in stats.bns:
         bn = bns.get(key)
         if bn is None:
             raise StatsError(f"the model has no BatchNormalization with output {key!r}")
-        new_mean, new_var = _new_statistics(bn, stats, est, bes, prior_strength)
+        new_mean, new_var = _new_statistics(bn, stats, est, bes, prior_strength, notes)
         for role, value in (("mean", new_mean), ("var", new_var)):
             w, a = _write(out, bn, role, value, namer, inserts, initializers)
             written += [w] if w else []
@@ -275,6 +306,7 @@ def apply_stats(
                                  bn.epsilon))
     _insert_nodes(out, inserts)
     meta, props = _provenance(stats, est, bes, prior_strength)
+    meta["notes"] = [*meta["notes"], *notes]
     _set_metadata(out, props)
     logger.debug("wrote %d tensors, added %d", len(written), len(added))
     return ApplyResult(out, DriftReport(rows, meta), written, added, analysis.loaded)

@@ -19,7 +19,7 @@ from onnx_tools.graph import GraphIndex, TensorSource, attribute, domain_opset, 
 
 #: Index of each BatchNormalization input, by role.
 ROLES = ("scale", "bias", "mean", "var")
-_ROLE_INDEX = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
+ROLE_INDEX = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
 #: How to keep BN in an export; printed when a model has none.
 EXPORT_ADVICE = (
     "it was probably folded into the preceding Conv/Gemm at export. Export with BN kept: "
@@ -47,6 +47,14 @@ class BatchNormInfo:
     training_mode: bool = False
     extra_outputs: tuple[str, ...] = ()
     spatial: int = 1
+    #: For a BN inside a model-local function: the call site (``index`` is its node index),
+    #: role -> position of the call's input that feeds it, and where it is, for messages.
+    call_inputs: dict[str, int] | None = None
+    function: str | None = None
+
+    def input_position(self, role: str) -> int:
+        """Which input of node ``index`` feeds ``role`` (the call's input for a function BN)."""
+        return self.call_inputs[role] if self.call_inputs else ROLE_INDEX[role]
 
     @property
     def key(self) -> str:
@@ -67,11 +75,13 @@ class BatchNormInfo:
             "var_mean": None,
             "var_max": None,
         }
-        if mean is not None:
-            out["mean_abs_mean"] = float(np.mean(np.abs(mean.astype(np.float64))))
-        if var is not None:
-            v = var.astype(np.float64)
-            out.update(var_min=float(v.min()), var_mean=float(v.mean()), var_max=float(v.max()))
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf stored: no warning
+            if mean is not None:
+                out["mean_abs_mean"] = float(np.mean(np.abs(mean.astype(np.float64))))
+            if var is not None:
+                v = var.astype(np.float64)
+                out.update(var_min=float(v.min()), var_mean=float(v.mean()),
+                           var_max=float(v.max()))
         return out
 
     def to_dict(self) -> dict:
@@ -85,6 +95,7 @@ class BatchNormInfo:
             "momentum": self.momentum,
             "opset": self.opset,
             "training_mode": self.training_mode,
+            "function": self.function,
             "storage": {
                 role: {
                     "kind": src.kind,
@@ -112,6 +123,27 @@ def batchnorms_in_subgraphs(model: onnx.ModelProto) -> list[str]:
     """Names (with their If/Loop/Scan path) of BN nodes inside control-flow bodies."""
     return list(_bn_in_subgraphs(model.graph))
 
+
+#: What to do about a BN inside a model-local function that cannot be recalibrated.
+FUNCTION_ADVICE = (
+    "inline the functions first (onnx.inliner.inline_local_functions(model), then save it) "
+    "or export without torch.onnx's export_modules_as_functions"
+)
+
+
+def check_supported(model: onnx.ModelProto) -> None:
+    """Refuse a model with BN inside control-flow bodies (not recalibrated).
+
+    Refused as a whole, not just those BNs: recalibrating the others would leave a model
+    whose BNs disagree on the data they were calibrated on, with nothing said. (BN inside
+    model-local functions: :mod:`onnx_tools.functions`.)
+    """
+    nested = batchnorms_in_subgraphs(model)
+    if nested:
+        raise ModelError("BatchNormalization inside a control-flow body is not supported: "
+                         + "; ".join(nested[:5]) + (" ..." if len(nested) > 5 else ""))
+
+
 def _channels(index: GraphIndex, node: onnx.NodeProto, values: dict) -> int | None:
     for role in ROLES:
         v = values.get(role)
@@ -133,7 +165,7 @@ def find_batchnorms(model: onnx.ModelProto, base_dir: str | None = None) -> list
             continue
         if len(node.input) < 5 or not all(node.input[:5]):
             raise ModelError(f"BatchNormalization {node.name or i!r} does not have 5 inputs")
-        sources = {role: index.resolve(i, _ROLE_INDEX[role]) for role in ROLES}
+        sources = {role: index.resolve(i, ROLE_INDEX[role]) for role in ROLES}
         values = {role: index.value(src, base_dir) for role, src in sources.items()}
         training = bool(attribute(node, "training_mode", 0))
         if opset < 7:

@@ -26,8 +26,8 @@ import numpy as np
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.data import BatchPlan, DataSource, DataSummary, ImageOptions, InputSpec, open_data
-from onnx_tools.errors import DataError, ModelError
-from onnx_tools.options import check_estimator
+from onnx_tools.errors import DataError, ModelError, OptionError
+from onnx_tools.options import arg, check_estimator, checked, setting
 from onnx_tools.rewrite import CollectionModel, build_collection_model
 from onnx_tools.session import cpu_only, make_session
 from onnx_tools.stats import BNStats, CollectedStats
@@ -190,8 +190,8 @@ def _session(cm: CollectionModel, provider: str,
 def _report_summary(summary: DataSummary) -> None:
     if summary.dropped:
         logger.info(
-            "dropped a final partial batch of %d sample(s) (keep it with keep_partial, --keep-partial)",
-            summary.dropped,
+            "dropped a final partial batch of %d sample(s) (keep it with %s)",
+            summary.dropped, setting("keep_partial", True),
         )
 
 
@@ -234,6 +234,7 @@ def _collected(cm: CollectionModel, aggs: dict[str, bnref.PreciseBN], summary: D
     )
 
 
+@checked()
 def collect(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -244,7 +245,7 @@ def collect(
     bessel: bool = False,
     provider: str = "auto",
     shuffle: bool = False,
-    seed: int = 0,
+    seed: int | None = None,
     keep_partial: bool = False,
     include: str | None = None,
     exclude: str | None = None,
@@ -267,7 +268,8 @@ def collect(
         bessel: with ``population``, write ``n/(n-1)`` times the pooled variance.
         provider: ``auto``, ``cuda`` or ``cpu`` (see :func:`onnx_tools.session.make_session`).
         shuffle: draw samples in a seeded random order.
-        seed: seed for ``shuffle``.
+        seed: seed for ``shuffle`` (default 0); refused without ``shuffle``, where it
+            would change nothing.
         keep_partial: keep a final batch smaller than ``batch_size``.
         include: regular expression; only BNs whose node or output name matches.
         exclude: regular expression; BNs whose node or output name matches are skipped.
@@ -282,16 +284,22 @@ def collect(
         :class:`onnx_tools.stats.CollectedStats`.
     """
     check_estimator(estimator, bessel)
+    if seed is not None and not shuffle:
+        raise OptionError(f"{arg('seed')} has no effect without {arg('shuffle')}: the samples "
+                          "are taken in stored order")
     analysis = analyze_model(model)
+    analysis.check_supported()
 
     def build(training_kernel: bool) -> CollectionModel:
+        inlined = analysis.functions.inlined is not None  # its BNs are found in the copy
         return build_collection_model(
-            analysis.model, include=include, exclude=exclude, base_dir=analysis.loaded.base_dir,
-            bns=analysis.batchnorms, training_kernel=training_kernel, batch_size=batch_size)
+            analysis.collection_model, include=include, exclude=exclude,
+            base_dir=analysis.loaded.base_dir, bns=None if inlined else analysis.batchnorms,
+            training_kernel=training_kernel, batch_size=batch_size)
 
     cm = build(cpu_only(provider))
     source, plan = open_plan(analysis, data, batch_size=batch_size, num_samples=num_samples,
-                             shuffle=shuffle, seed=seed, keep_partial=keep_partial, shard=shard,
+                             shuffle=shuffle, seed=seed or 0, keep_partial=keep_partial, shard=shard,
                              image_options=image_options,
                              min_batch_size=_min_batch_size(cm, batch_size))
     session, used, cm = _session(cm, provider, build)

@@ -12,7 +12,9 @@ samples are compared, and the first ``n`` labels are used.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,8 +22,9 @@ import numpy as np
 
 from onnx_tools.analysis import ModelLike
 from onnx_tools.data import BatchPlan, ImageOptions, InputSpec, open_data
-from onnx_tools.errors import DataError, ModelError
+from onnx_tools.errors import DataError, ModelError, short_message
 from onnx_tools.modelio import load_model
+from onnx_tools.options import arg, checked
 from onnx_tools.session import make_session
 
 
@@ -119,18 +122,37 @@ class Comparison:
         return "\n".join(lines)
 
 
+def _read_labels(path: str) -> np.ndarray:
+    """A ``.npy`` file, or a ``.npz`` archive holding exactly one array."""
+    if not os.path.isfile(path):
+        raise DataError(f"{arg('labels')} file not found: {path}")
+    try:
+        with contextlib.ExitStack() as stack:
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.lib.npyio.NpzFile):
+                stack.callback(loaded.close)
+                if len(loaded.files) != 1:
+                    raise DataError(
+                        f"{arg('labels')} {path} is an .npz archive of {len(loaded.files)} "
+                        f"arrays ({', '.join(loaded.files[:5])}); give a .npy file, or an "
+                        ".npz holding only the labels")
+                loaded = loaded[loaded.files[0]]
+            return loaded
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read {arg('labels')} {path}: {short_message(exc)}") from exc
+
+
 def _load_labels(labels: Any) -> np.ndarray:
+    where = ""
     if isinstance(labels, str | os.PathLike):
-        path = os.fspath(labels)
-        if not os.path.isfile(path):
-            raise DataError(f"labels file not found: {path}")
-        try:
-            labels = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read labels {path}: {exc}") from exc
+        where = f" ({os.fspath(labels)})"
+        labels = _read_labels(os.fspath(labels))
     arr = np.asarray(labels)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise DataError(f"labels must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        raise DataError(f"{arg('labels')} must be a 1-D array of integer class labels, got "
+                        f"{arr.ndim}-D {arr.dtype} of shape {arr.shape}{where}")
     return arr
 
 
@@ -156,6 +178,19 @@ def _check_inputs(specs_a: list[InputSpec], specs_b: list[InputSpec]) -> None:
             f"the two models have different inputs ({describe(specs_a)} vs "
             f"{describe(specs_b)}); they cannot share data"
         )
+    for a, b in zip(specs_a, specs_b, strict=True):
+        if a.shape is None or b.shape is None:
+            continue
+        clash = len(a.shape) != len(b.shape) or any(
+            isinstance(x, int) and isinstance(y, int) and x != y
+            or isinstance(x, int) != isinstance(y, int) and i == 0  # one static batch
+            for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)))
+        if clash:
+            raise DataError(
+                f"input {a.name!r} has shape {a.describe_shape()} in model A and "
+                f"{b.describe_shape()} in model B (rank, batch or size differ); the same "
+                "batches cannot feed both"
+            )
 
 
 def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray | None) -> None:
@@ -166,8 +201,9 @@ def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray
     o.nonfinite_a += int(ya.size - np.count_nonzero(np.isfinite(ya)))
     o.nonfinite_b += int(yb.size - np.count_nonzero(np.isfinite(yb)))
     if ya.size:  # np.maximum propagates NaN: a broken output never reads as a match
-        o.max_abs_diff = float(np.maximum(o.max_abs_diff,
-                                          np.max(np.abs(ya.astype(np.float64) - yb))))
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, counted above
+            o.max_abs_diff = float(np.maximum(o.max_abs_diff,
+                                              np.max(np.abs(ya.astype(np.float64) - yb))))
     o.classifier = ya.ndim == 2 and ya.shape[1] > 1
     if o.classifier:
         pa, pb = np.argmax(ya, axis=1), np.argmax(yb, axis=1)
@@ -177,6 +213,16 @@ def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray
             o._correct[1] += int(np.sum(pb == lab))
 
 
+def _run(session: Any, which: str, names: list[str], feed: dict[str, np.ndarray],
+         index: int) -> list[np.ndarray]:
+    """One batch through one model; any onnxruntime failure becomes a :class:`DataError`."""
+    try:
+        return session.run(names, feed)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise DataError(f"batch {index}: onnxruntime could not run model {which} on it: "
+                        f"{short_message(exc, 300)}") from exc
+
+
 def _finish(o: OutputComparison, n: int, labelled: bool) -> None:
     if o.classifier and n:
         o.top1_agreement = o._agree / n
@@ -184,6 +230,7 @@ def _finish(o: OutputComparison, n: int, labelled: bool) -> None:
             o.accuracy_a, o.accuracy_b = o._correct[0] / n, o._correct[1] / n
 
 
+@checked()
 def compare_models(
     model_a: ModelLike,
     model_b: ModelLike,
@@ -206,9 +253,9 @@ def compare_models(
     sess_b, _ = make_session(b.model, provider)
     pairs = _pair_outputs(sess_a, sess_b)
     n = 0
-    for _index, feed in source.batches(plan):
-        ya_all = sess_a.run([o.output_a for o in pairs], feed)
-        yb_all = sess_b.run([o.output_b for o in pairs], feed)
+    for index, feed in source.batches(plan):
+        ya_all = _run(sess_a, "A", [o.output_a for o in pairs], feed, index)
+        yb_all = _run(sess_b, "B", [o.output_b for o in pairs], feed, index)
         rows = len(next(iter(feed.values())))
         lab = None
         if label_arr is not None:

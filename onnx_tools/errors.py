@@ -13,8 +13,9 @@ Every problem caused by user input (model, data, options, files) raises a subcla
 * :class:`OutputError` (``OSError``): an output cannot be written, or would overwrite an
   input or another output.
 
-Messages speak of API arguments (``batch_size``); the command line prints them as
-``bnref-onnx: error: ...`` with exit status 1. :class:`Interrupted` (SIGINT/SIGTERM) is a
+Messages speak the interface's language: API arguments from Python (``batch_size``), flags
+from the command line (``--batch-size``, see :func:`onnx_tools.options.arg`), which prints
+them as ``bnref-onnx: error: ...`` with exit status 1 (``docs/errors.md`` lists them). :class:`Interrupted` (SIGINT/SIGTERM) is a
 ``KeyboardInterrupt``, not an ``Exception``: no ``except Exception`` on the way (a data
 reader, a session run) can swallow it. Anything else is a bug and keeps its traceback.
 """

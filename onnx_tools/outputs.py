@@ -30,13 +30,13 @@ from onnx_tools import modelio
 from onnx_tools.errors import ModelError, OptionError, OutputError, short_message
 from onnx_tools.interrupts import signals_held
 from onnx_tools.modelio import LoadedModel, all_tensors, externalize_float_initializers, model_size
+from onnx_tools.options import arg, checked, setting
 from onnx_tools.reads import RunReads, file_key
 
 #: Test injection point, called after the new model is written and checked and before it is
 #: renamed into place (interruption tests raise from it).
 before_replace: Callable[[str], None] | None = None
 
-_IN_PLACE_HINT = "overwrite it only in place (in_place=True, --in-place)"
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ def _final_target(out: str, given: str, what: str) -> str:
     return target
 
 
+
+@checked()
 def check_output(
     out: str | os.PathLike,
     *,
@@ -110,7 +112,8 @@ def check_output(
     read = reads.find(target) if reads is not None else None
     if read is not None and not (in_place and read.own):
         if read.what == "input model" and what == "output" and not in_place:
-            raise OutputError(f"{what} {given} is the input model; {_IN_PLACE_HINT}")
+            raise OutputError(f"{what} {given} is the input model; overwrite it only in place "
+                              f"({setting('in_place', True)})")
         raise OutputError(f"the {what} {given} is the {read.what} file {read.path}: writing it "
                           f"would destroy the {read.what}")
     return OutputPath(target, what, given, reads, in_place)
@@ -195,6 +198,7 @@ def _give_mode(paths: list[str], destination: str) -> None:
         os.chmod(path, mode)
 
 
+@checked()
 def write_model(
     model: onnx.ModelProto,
     out: str | os.PathLike | OutputPath,
@@ -311,7 +315,7 @@ def model_target(loaded: LoadedModel, output: str | os.PathLike | OutputPath | N
                           "input model itself")
     if in_place:
         if loaded.path is None:
-            raise OutputError("in_place needs a model path")
+            raise OutputError(f"{arg('in_place')} needs a model path")
         return check_model_output(loaded.path, reads, in_place=True)
     if isinstance(output, OutputPath) or output is None:
         return output

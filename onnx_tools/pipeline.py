@@ -16,16 +16,21 @@ import onnx
 
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
-from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
+from onnx_tools.batchnorms import (
+    EXPORT_ADVICE,
+    FUNCTION_ADVICE,
+    BatchNormInfo,
+    batchnorms_in_subgraphs,
+)
 from onnx_tools.collection import collect
 from onnx_tools.errors import OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_keywords, check_prior_strength
+from onnx_tools.options import check_keywords, check_prior_strength, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
-from onnx_tools.unfolding import UNFOLD_OPTIONS, Site, UnfoldResult, find_sites, unfold_model
+from onnx_tools.unfolding import Site, UnfoldResult, find_sites, unfold_model
 
 
 @dataclass
@@ -34,12 +39,16 @@ class ModelDescription:
 
     batchnorms: list[BatchNormInfo]
     in_subgraphs: list[str] = field(default_factory=list)
+    in_functions: list[str] = field(default_factory=list)
     sites: list[Site] = field(default_factory=list)
 
     @property
     def advice(self) -> str | None:
-        """How to export with BN kept, or to unfold, when the model has no BN at all."""
-        if self.batchnorms:
+        """What to do when the model's BNs cannot be recalibrated (or it has none at all)."""
+        if self.in_functions:
+            return ("BatchNormalization inside model-local functions that cannot be "
+                    f"recalibrated: {FUNCTION_ADVICE}")
+        if self.batchnorms or self.in_subgraphs:
             return None
         text = f"no BatchNormalization: {EXPORT_ADVICE}"
         if self.sites:
@@ -54,6 +63,7 @@ class ModelDescription:
         out: dict[str, Any] = {
             "batchnorms": [bn.to_dict() for bn in self.batchnorms],
             "in_subgraphs": list(self.in_subgraphs),
+            "in_functions": list(self.in_functions),
             "unfold_sites": [site.to_dict() for site in self.sites],
         }
         if self.advice:
@@ -65,7 +75,8 @@ def describe_model(model: ModelLike | ModelAnalysis) -> ModelDescription:
     """Every BN of the main graph (channels, eps, momentum, storage) and those in subgraphs."""
     analysis = analyze_model(model)
     return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model),
-                            find_sites(analysis.model))
+                            in_functions=analysis.functions.unsupported,
+                            sites=find_sites(analysis.model))
 
 
 def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
@@ -94,6 +105,7 @@ class RecalibrationResult:
     unfolded: UnfoldResult | None = None
 
 
+@checked(extra=collect)
 def recalibrate(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -102,6 +114,10 @@ def recalibrate(
     in_place: bool = False,
     prior_strength: float | None = None,
     source: Any = None,
+    bn_eps: float | None = None,
+    sites_include: str | None = None,
+    sites_exclude: str | None = None,
+    linear_sites: bool = False,
     **collect_options: Any,
 ) -> RecalibrationResult:
     """Collect Precise BatchNorm statistics over ``data`` and write them into ``model``.
@@ -117,7 +133,9 @@ def recalibrate(
     returned. The input model is never modified unless ``in_place`` (which takes no
     ``output``); an output that is a file the run reads is refused (:mod:`onnx_tools.reads`).
     """
-    unfold_options = {k: collect_options.pop(k) for k in UNFOLD_OPTIONS if k in collect_options}
+    given = {"bn_eps": bn_eps, "sites_include": sites_include, "sites_exclude": sites_exclude,
+             "linear_sites": linear_sites or None}
+    unfold_options = {k: v for k, v in given.items() if v is not None}
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
     if unfold_options and source is None:
         raise OptionError(f"{', '.join(sorted(unfold_options))} applies to folded models: "

@@ -10,11 +10,12 @@ ratios far from 1 in its deeper layers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from onnx_tools.jsonout import strict_dumps
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,17 @@ def bn_drift(
     """Summarize the drift of one BN from its per-channel old/new mean and variance."""
     om, ov = np.asarray(old_mean, np.float64).ravel(), np.asarray(old_var, np.float64).ravel()
     nm, nv = np.asarray(new_mean, np.float64).ravel(), np.asarray(new_var, np.float64).ravel()
-    shift = np.abs(nm - om) / np.sqrt(nv + eps)
-    ratio = (nv + eps) / (ov + eps)
+    with np.errstate(all="ignore"):  # NaN/Inf stored statistics: drift NaN, no warning
+        shift = np.abs(nm - om) / np.sqrt(nv + eps)
+        ratio = (nv + eps) / (ov + eps)
+        return _drift(key, node, shift, ratio)
+
+
+def _drift(key: str, node: str, shift: np.ndarray, ratio: np.ndarray) -> BNDrift:
     return BNDrift(
         key=key,
         node=node,
-        channels=int(nm.size),
+        channels=int(shift.size),
         mean_shift_max=float(shift.max()),
         mean_shift_rms=float(np.sqrt(np.mean(shift**2))),
         var_ratio_min=float(ratio.min()),
@@ -69,8 +75,8 @@ class DriftReport:
         return {"meta": self.meta, "batchnorms": [asdict(r) for r in self.rows]}
 
     def to_json(self) -> str:
-        """Indented JSON text."""
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        """Indented strict JSON text: NaN/Inf become null, named in ``"non_finite"``."""
+        return strict_dumps(self.to_dict()) + "\n"
 
     def format_table(self, max_rows: int | None = None) -> str:
         """Fixed-width table for the terminal."""

@@ -8,7 +8,7 @@ import onnx
 
 from onnx_tools import modelio
 from onnx_tools.errors import ModelError, ProviderError, short_message
-from onnx_tools.options import PROVIDERS
+from onnx_tools.options import PROVIDERS, setting
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def make_session(model: onnx.ModelProto, provider: str = "auto"):
     )
     if provider == "cuda" and "CUDAExecutionProvider" not in available:
         raise ProviderError(
-            "provider 'cuda': this onnxruntime build has no CUDAExecutionProvider "
+            f"{setting('provider', 'cuda')}: this onnxruntime build has no CUDAExecutionProvider "
             f"(available: {', '.join(available)}); install onnxruntime-gpu (and not "
             "onnxruntime next to it: they share the import name)"
         )
@@ -94,8 +94,9 @@ def make_session(model: onnx.ModelProto, provider: str = "auto"):
     if want_cuda and "CUDAExecutionProvider" not in used:
         if provider == "cuda":
             raise ProviderError(
-                "provider 'cuda': onnxruntime could not start CUDA (driver, CUDA or cuDNN "
-                "libraries missing?); use provider 'cpu' or 'auto'"
+                f"{setting('provider', 'cuda')}: onnxruntime could not start CUDA (driver, CUDA "
+                f"or cuDNN libraries missing?); use {setting('provider', 'cpu')} or "
+                f"{setting('provider', 'auto')}"
             )
         logger.info("CUDA is built in but could not start; using CPU")
     name = "cuda" if "CUDAExecutionProvider" in used else "cpu"

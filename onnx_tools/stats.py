@@ -25,6 +25,7 @@ import numpy as np
 
 import bnref
 from onnx_tools.errors import StatsError
+from onnx_tools.options import arg
 from onnx_tools.outputs import OutputPath, atomic_write_bytes
 
 FORMAT = "bnref-onnx-stats"
@@ -117,6 +118,9 @@ def save_stats(stats: CollectedStats, path: str | os.PathLike | OutputPath) -> N
     for i, b in enumerate(stats.bns.values()):
         for name, value in b.precise.state_dict().items():
             arrays[f"bn{i}/{name}"] = np.asarray(value)
+            if arrays[f"bn{i}/{name}"].dtype.kind == "f" and not np.isfinite(value).all():
+                raise StatsError(f"the statistics of BatchNormalization {b.key!r} are not "
+                                 f"finite ({name}); nothing written")
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(buf.getvalue(), path)
@@ -137,6 +141,11 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise StatsError(f"cannot read {path} as a STATS file: {exc}") from exc
+    if "meta" not in arrays:
+        held = ", ".join(sorted(arrays)[:5]) or "nothing"
+        raise StatsError(f"{path} is not a STATS file: it holds {held}, not what `bnref-onnx "
+                         "collect` writes (calibration data is the "
+                         f"{arg('data')} of collect or recalibrate)")
     try:
         meta = json.loads(str(arrays["meta"][()]))
         if meta.get("format") != FORMAT:

@@ -1,5 +1,7 @@
 """Framework conventions: EMA closed forms, momentum meanings, Bessel correction, cumulative average."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -29,7 +31,7 @@ def test_ema_closed_form_after_k_updates(conv, seed, k, momentum):
         rm, rv = conv.update(rm, rv, bnref.Moments.from_array(b), momentum=momentum)
     # Closed form, written independently: weight w on the batch, (1-w)^(k-i) decay.
     w = momentum if conv.name in ("pytorch", "tf_fused") else 1 - momentum
-    ddof = 1 if conv.name in ("pytorch", "tf_fused") else 0
+    ddof = 1 if conv.name in ("pytorch", "tf_fused", "tf_keras2") else 0  # tf_keras2: fused path
     exp_m = (1 - w) ** k * r0m + sum(
         w * (1 - w) ** (k - 1 - i) * b.mean(0) for i, b in enumerate(batches)
     )
@@ -66,9 +68,13 @@ def test_defaults_are_the_documented_ones():
         assert cv.by_name(c.name.upper()) is c
 
 
-def test_tf_fused_floors_eps():
-    assert cv.TF_FUSED.effective_eps(1e-8) == 1.001e-5
-    assert cv.TF_FUSED.effective_eps(1e-3) == 1e-3
+def test_min_eps_floors_eps():
+    """TF 2.21's fused batch norm has no floor (measured, tests/conformance/test_tensorflow.py);
+    a convention with ``min_eps`` floors what it is given."""
+    assert cv.TF_FUSED.effective_eps(1e-8) == 1e-8
+    floored = replace(cv.TF_FUSED, min_eps=1.001e-5)
+    assert floored.effective_eps(1e-8) == 1.001e-5
+    assert floored.effective_eps(1e-3) == 1e-3
     assert cv.PYTORCH.effective_eps(1e-8) == 1e-8
 
 

@@ -37,6 +37,10 @@ Every drawn case stays in range for its dtype: float16 cases keep y, the running
 (any convention, any momentum), dx, dscale and dbias finite and out of the subnormals, so a
 correct float16 implementation (float32 arithmetic, rounded once) passes under every
 convention (``ranges``: the bounds and their derivation).
+bfloat16 (``ml_dtypes.bfloat16``, e.g. ``bn_cases(ml_dtypes.bfloat16)``) works the same way:
+its range is float32's, so its cases keep the default std range, and its tolerance is
+float16's ``k`` = 8 over bfloat16's eps 2**-7 (6.3e-2 of the natural scale): a correct
+bfloat16 implementation (float32 arithmetic, rounded to bfloat16) passes under every convention.
 
 Where each part lives:
 

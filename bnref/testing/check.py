@@ -9,6 +9,10 @@ does that over cases drawn by hypothesis, with the current profile's settings an
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,6 +205,7 @@ def check_batch_norm(
     max_examples: int | None = None,
     tolerance: Tolerance | None = None,
     cases=None,
+    reproduce: str | None = None,
 ) -> None:
     """Run hypothesis over ``cases`` (default ``bn_cases(dtype)``) and compare ``impl`` with bnref.
 
@@ -211,30 +216,77 @@ def check_batch_norm(
     ``settings.load_profile`` chose), with ``deadline=None`` (a first call may compile) and
     ``max_examples`` only where given here. Failures are saved to the profile's example
     database (``database=None`` there: nothing saved), apart per implementation, convention,
-    dtype, momentum, eps and cases (``database_key``), and replayed first on the next run; set
-    ``print_blob=True`` in the profile for a ``@reproduce_failure`` line. To draw cases in your
-    own ``@given`` test instead, use ``bn_cases`` and ``check_case``.
+    dtype, momentum, eps and cases (``database_key``), and replayed first on the next run.
+    To draw cases in your own ``@given`` test instead, use ``bn_cases`` and ``check_case``.
+
+    A failure carries one reproduction, as a note on the exception: ``add
+    reproduce='bnref-case:...' to this check_batch_norm call``. That string is the falsifying
+    case itself (every array, exactly), so the same call with it checks that one case, without
+    hypothesis, its database or its version (hypothesis's own ``@reproduce_failure`` line is
+    not printed: it would replay an inner function, not your test).
 
     For jit-compiled implementations (JAX/Flax), every new shape recompiles: pass
     ``cases=bn_cases(dtype, shape_axis=st.sampled_from([((8, 4, 3, 3), -1), ...]))`` to draw
     from a few fixed shapes.
     """
-    require_hypothesis()
     tol = tolerance or Tolerance.for_dtype(dtype)
+    if reproduce is not None:
+        check_case(impl, convention, decode_case(reproduce), tol, momentum, eps)
+        return
+    require_hypothesis()
     strategy = cases if cases is not None else bn_cases(dtype)
-    overrides = {"deadline": None}
+    # One failure, one reproduction: ours (below), not a @reproduce_failure of the inner test.
+    overrides = {"deadline": None, "print_blob": False, "report_multiple_bugs": False}
     if max_examples is not None:
         overrides["max_examples"] = max_examples
     if settings.default.database is not None:  # the profile's database, one space per check
         key = database_key(impl, convention, dtype, momentum, eps, strategy)
         overrides["database"] = KeyedDatabase(settings.default.database, key.encode() + b"\0")
 
+    failing: list[BNCase] = []
+
     @settings(settings.default, **overrides)
     @given(case=strategy)
     def bnref_check_batch_norm(case):
-        check_case(impl, convention, case, tol, momentum, eps)
+        try:
+            check_case(impl, convention, case, tol, momentum, eps)
+        except Exception:
+            failing.append(case)  # hypothesis runs the shrunk example last
+            raise
 
-    bnref_check_batch_norm()
+    try:
+        bnref_check_batch_norm()
+    except Exception as exc:
+        if failing:
+            exc.add_note(f"Reproduce this failure: add reproduce={encode_case(failing[-1])!r} "
+                         "to this check_batch_norm call.")
+        raise
+
+
+_CASE_PREFIX = "bnref-case:"
+_CASE_ARRAYS = ("x", "scale", "bias", "running_mean", "running_var", "dy")
+
+
+def encode_case(case: BNCase) -> str:
+    """``case`` as a string :func:`decode_case` turns back into the same arrays, bit for bit."""
+    buf = io.BytesIO()
+    np.savez(buf, axis=np.int64(case.axis), **{k: getattr(case, k) for k in _CASE_ARRAYS})
+    return _CASE_PREFIX + base64.b64encode(zlib.compress(buf.getvalue(), 9)).decode("ascii")
+
+
+def decode_case(text: str) -> BNCase:
+    """The case :func:`encode_case` wrote into ``text``; ``ValueError`` if it is not one."""
+    if not isinstance(text, str) or not text.startswith(_CASE_PREFIX):
+        raise ValueError(f"reproduce must be a string starting with {_CASE_PREFIX!r}, as a "
+                         "failure of check_batch_norm prints it")
+    try:
+        raw = zlib.decompress(base64.b64decode(text[len(_CASE_PREFIX):], validate=True))
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in _CASE_ARRAYS}
+            axis = int(npz["axis"])
+    except (ValueError, KeyError, OSError, zlib.error, binascii.Error) as exc:
+        raise ValueError(f"reproduce is not a case check_batch_norm printed: {exc}") from None
+    return BNCase(axis=axis, **arrays)
 
 
 def database_key(impl: BatchNormImpl, convention: Convention, dtype, momentum=None, eps=None,

@@ -95,7 +95,8 @@ def bn_cases(
     narrowed to ``ranges.std_range(dtype, n, max_abs_mean_over_std)``, where every result (y,
     running statistics under any convention and momentum, dx, dscale, dbias) stays finite and
     normal in ``dtype`` (float16: [1e-3, 89.8] up to 17 values per channel, [0.0104, 88.2] at
-    8 * 6**3; float32/float64 unchanged); mean up to
+    8 * 6**3; float32/float64 and bfloat16 (``ml_dtypes.bfloat16``, whose range is float32's)
+    unchanged); mean up to
     ``max_abs_mean_over_std`` stds away from 0 (raise it to probe cancellation); both exact for
     the drawn batch (standardized per channel, before rounding to ``dtype``); random gamma
     (``|gamma|`` in [0.2, 2], signed), beta and running mean (standard normal clipped to

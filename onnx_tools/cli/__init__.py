@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from onnx_tools.cli.parser import PROG, build_parser
 from onnx_tools.errors import BnrefOnnxError, Interrupted
 from onnx_tools.interrupts import interrupt
+from onnx_tools.options import cli_interface
 
 __all__ = ["PROG", "build_parser", "main"]
 
@@ -94,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
         logger.propagate = False
-        return _run(args)
+        with cli_interface():  # messages name flags (--keep-partial), not API arguments
+            return _run(args)
     except Interrupted as exc:
         print(f"{PROG}: interrupted by {_signal_name(exc.signum)}; no partial output left",
               file=sys.stderr)

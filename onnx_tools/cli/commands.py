@@ -9,13 +9,14 @@ writes builds its account with ``RunReads.of(...)`` and checks its outputs the s
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
 from onnx_tools.apply import apply_stats
+from onnx_tools.batchnorms import FUNCTION_ADVICE
 from onnx_tools.collection import collect
 from onnx_tools.compare import compare_models
 from onnx_tools.errors import OptionError, OutputError
+from onnx_tools.jsonout import strict_dumps
 from onnx_tools.outputs import (
     OutputPath,
     atomic_write_bytes,
@@ -82,7 +83,7 @@ def _print(text: str) -> None:
 
 def _format_description(name: str, desc: ModelDescription) -> list[str]:
     lines = []
-    if not desc.batchnorms:
+    if not desc.batchnorms and not desc.in_functions and not desc.in_subgraphs:
         lines.append(f"{name}: {desc.advice}.")
     for bn in desc.batchnorms:
         s = bn.summary()
@@ -90,7 +91,8 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
         if s["var_mean"] is not None and s["mean_abs_mean"] is not None:
             stats = (f"|mean| avg {s['mean_abs_mean']:.4g}, var min/avg/max "
                      f"{s['var_min']:.4g}/{s['var_mean']:.4g}/{s['var_max']:.4g}")
-        lines.append(f"{bn.label}  (output {bn.output})")
+        lines.append(f"{bn.label}  (output {bn.output})"
+                     + (f"  in {bn.function}" if bn.function else ""))
         lines.append(f"  channels {bn.channels}, eps {bn.epsilon:g}, momentum {bn.momentum:g}, "
                      f"opset {bn.opset}{', training_mode=1' if bn.training_mode else ''}")
         for role in ("mean", "var", "scale", "bias"):
@@ -99,6 +101,10 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
     if desc.in_subgraphs:
         lines.append("BatchNormalization inside control-flow bodies (not supported): "
                      + "; ".join(desc.in_subgraphs))
+    if desc.in_functions:
+        lines.append("BatchNormalization inside model-local functions that cannot be "
+                     "recalibrated ("
+                     f"{FUNCTION_ADVICE}): " + "; ".join(desc.in_functions))
     if desc.batchnorms:
         lines.append(f"{len(desc.batchnorms)} BatchNormalization node(s)")
     if desc.sites:
@@ -111,7 +117,7 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     desc = describe_model(args.model)
     if args.json:
-        _print(json.dumps({"model": args.model, **desc.to_dict()}, indent=2))
+        _print(strict_dumps({"model": args.model, **desc.to_dict()}))
         return 0
     for line in _format_description(args.model, desc):
         _print(line)
@@ -144,7 +150,9 @@ def _check_outputs(args: argparse.Namespace) -> _Targets:
         output = check_model_output(args.model if in_place else args.output, reads,
                                     in_place=in_place)
     else:
-        output = check_output(args.output, reads=reads)
+        # Only a command with --in-place may suggest it: collect/merge name their output
+        # otherwise, so writing onto the model is refused as onto any input.
+        output = check_output(args.output, reads=reads, what="STATS output")
     checked = check_outputs({"output": output, "report": getattr(args, "report", None)}, reads)
     return _Targets(checked["output"], checked["report"])
 
@@ -229,7 +237,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, num_samples=args.num_samples, provider=args.provider,
         image_options=_image_options(args),
     )
-    _print(json.dumps(result.to_dict(), indent=2) if args.json else result.format())
+    _print(strict_dumps(result.to_dict()) if args.json else result.format())
     return 0
 
 

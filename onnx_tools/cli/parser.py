@@ -50,14 +50,24 @@ def _shard(text: str) -> tuple[int, int]:
     return i, k
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an integer >= ``minimum``, else a usage error saying ``what``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonneg_int = _int_at_least(0, "an integer >= 0")
 
 
 def _nonneg_float(text: str) -> float:
@@ -93,7 +103,8 @@ def _add_collection(p: argparse.ArgumentParser, *, bn_selection: bool = True) ->
     g.add_argument("--provider", choices=list(PROVIDERS), default="auto",
                    help="onnxruntime execution provider (default auto: CUDA if it really runs)")
     g.add_argument("--shuffle", action="store_true", help="take samples in a seeded random order")
-    g.add_argument("--seed", type=int, default=0, help="seed for --shuffle (default 0)")
+    g.add_argument("--seed", type=_nonneg_int, default=None,
+                   help="seed for --shuffle (default 0; refused without --shuffle)")
     g.add_argument("--keep-partial", action="store_true",
                    help="keep a final batch smaller than --batch-size (dropped by default)")
     if bn_selection:  # unfold runs every BN in training mode
@@ -295,14 +306,24 @@ def _add_compare(sub: argparse._SubParsersAction, common: argparse.ArgumentParse
     _add_images(p)
 
 
+def _global_flags(default: object) -> argparse.ArgumentParser:
+    """``--debug`` and ``--quiet``, accepted before and after the command.
+
+    The subcommands' copies default to ``SUPPRESS``: a subparser's defaults are written over
+    the namespace, so ``False`` there would undo ``bnref-onnx --quiet COMMAND``.
+    """
+    flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    flags.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+    flags.add_argument("--quiet", "-q", action="store_true", default=default,
+                       help="no progress bar, report table or notes")
+    return flags
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser (exposed for documentation and tests)."""
-    common = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
-    common.add_argument("--quiet", "-q", action="store_true",
-                        help="no progress bar, report table or notes")
+    common = _global_flags(argparse.SUPPRESS)
     parser = argparse.ArgumentParser(
-        prog=PROG, parents=[common], allow_abbrev=False,
+        prog=PROG, parents=[_global_flags(False)], allow_abbrev=False,
         description="Recalibrate the BatchNormalization statistics of an ONNX model with "
         "Precise BatchNorm (training-mode batch statistics aggregated over calibration data).",
         epilog="Run `bnref-onnx COMMAND --help` for a command's options and examples.",

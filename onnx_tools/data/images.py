@@ -49,7 +49,8 @@ from onnx_tools.data.plan import BatchPlan
 from onnx_tools.data.prefetch import DecodePool, default_threads
 from onnx_tools.data.source import IndexedSource
 from onnx_tools.data.spec import Dim, Feed, InputSpec, check_sample_shape
-from onnx_tools.errors import DataError
+from onnx_tools.errors import DataError, OptionError
+from onnx_tools.options import arg, check_image_options, setting
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -121,6 +122,9 @@ class ImageOptions:
     threads: int | None = None
     jpeg_draft: bool = True
 
+    def __post_init__(self) -> None:
+        check_image_options(self)  # a bad field fails here, named, not when a batch is decoded
+
 
 def infer_layout(dims: Sequence[Dim]) -> str:
     """NHWC when the last dimension looks like channels (1 or 3) and dimension 1 does not."""
@@ -144,6 +148,11 @@ class ImageFolderSource(IndexedSource):
         channel_dim, h_dim, w_dim = (
             (dims[1], dims[2], dims[3]) if self.layout == "NCHW" else (dims[3], dims[1], dims[2])
         )
+        if options.layout is not None and isinstance(channel_dim, int) and channel_dim not in (1, 3):
+            raise OptionError(
+                f"{arg('image_options.layout')} {options.layout} does not fit input "
+                f"{spec.name!r} {spec.describe_shape()}: its channel dimension would be "
+                f"{channel_dim}, not 1 or 3 (its shape reads as {infer_layout(dims)})")
         self.mode = options.mode or ("L" if channel_dim == 1 else "RGB")
         if self.mode not in ("RGB", "L"):
             raise DataError(f"image mode must be RGB or L, got {self.mode!r}")
@@ -190,14 +199,15 @@ class ImageFolderSource(IndexedSource):
             named = "; ".join(bad[:NAMED]) + ("; ..." if len(bad) > NAMED else "")
             raise DataError(
                 f"{len(bad)} image file(s) under {self.description} cannot be used: {named} "
-                "(remove them, or leave them out with skip_bad_images=True)"
+                f"(remove them, or leave them out with {setting('image_options.skip_bad_images', True)})"
             )
         if bad:
             self._skipped = bad
             names = ", ".join(b.split(": ", 1)[0] for b in bad[:NAMED])
             more = ", ..." if len(bad) > NAMED else ""
             self._open_notes.append(
-                f"skipped {len(bad)} unreadable image(s) (skip_bad_images): {names}{more}"
+                f"skipped {len(bad)} unreadable image(s) ({arg('image_options.skip_bad_images')}): "
+                f"{names}{more}"
             )
         self._open_notes.extend(self._facts_notes(facts))
         return good
@@ -275,7 +285,7 @@ class ImageFolderSource(IndexedSource):
             self.size = (DEFAULT_SIZE, DEFAULT_SIZE)
             self._open_notes.append(
                 f"image size {DEFAULT_SIZE}x{DEFAULT_SIZE} (the model's input has dynamic "
-                "height/width; set the crop image option)"
+                f"height/width; set {arg('image_options.crop')})"
             )
         if len(self.size) != 2 or min(self.size) < 1:
             raise DataError(f"image crop must be positive (height, width), got {options.crop!r}")

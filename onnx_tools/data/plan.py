@@ -29,6 +29,7 @@ import numpy as np
 from onnx_tools.data.fingerprint import EMPTY_FINGERPRINT
 from onnx_tools.data.spec import InputSpec
 from onnx_tools.errors import DataError
+from onnx_tools.options import arg
 
 #: How many skipped files a summary names (all are counted).
 MAX_LISTED = 10
@@ -107,13 +108,13 @@ class BatchPlan:
             fixed = " (fixed by the model's static batch dimension)" if size_note else ""
             raise DataError(
                 f"batch size {size}{fixed} is too small for this model: a batch needs at "
-                f"least {self.min_batch_size} samples (min_batch_size)"
+                f"least {self.min_batch_size} samples"
             )
         notes = [size_note] if size_note else []
         keep_partial = self.keep_partial
         if keep_partial and any(s.static_batch for s in specs):
             keep_partial = False  # a partial batch cannot be fed to a static batch dimension
-            notes.append("keep_partial ignored: the model's batch dimension is static")
+            notes.append(f"{arg('keep_partial')} ignored: the model's batch dimension is static")
         return replace(self, batch_size=size, keep_partial=keep_partial, shard=self.sharding), notes
 
     def split(self, total: int) -> tuple[int, int, int]:
@@ -143,10 +144,10 @@ class BatchPlan:
 def partial_batch_error(plan: BatchPlan, rest: int, why: str) -> DataError:
     """The error for a kept final batch of ``rest`` samples, below ``plan.min_batch_size``."""
     return DataError(
-        f"keep_partial: the last batch would hold {rest} sample(s) ({why}), fewer than the "
-        f"{plan.min_batch_size} a batch of this model needs (min_batch_size); drop "
-        "keep_partial to leave them out, or choose a batch size that leaves a larger "
-        "remainder"
+        f"{arg('keep_partial')}: the last batch would hold {rest} sample(s) ({why}), fewer "
+        f"than the {plan.min_batch_size} a batch of this model needs; drop "
+        f"{arg('keep_partial')} to leave them out, or choose a {arg('batch_size')} that "
+        "leaves a larger remainder"
     )
 
 

@@ -33,6 +33,7 @@ from onnx_tools.data.plan import BatchPlan, partial_batch_error
 from onnx_tools.data.source import DataSource
 from onnx_tools.data.spec import Feed, InputSpec, cast_rule, check_sample_shape
 from onnx_tools.errors import DataError
+from onnx_tools.options import arg, setting
 
 #: ``"module:function"`` or ``"some/file.py:function"``; a Windows drive letter ``C:`` is not
 #: a module.
@@ -147,7 +148,7 @@ class ReaderSource(DataSource):
     def _refuse_shuffle(plan: BatchPlan) -> None:
         if plan.shuffle:
             raise DataError(
-                "shuffle needs data that can be read by index (.npy, .npz, images); "
+                f"{arg('shuffle')} needs data that can be read by index (.npy, .npz, images); "
                 "a reader is a stream: shuffle inside the reader instead"
             )
 
@@ -215,9 +216,9 @@ def _thread_hint() -> str:
     """Where a reader failed off the main thread: how to keep it on the calling thread."""
     if threading.current_thread() is threading.main_thread():
         return ""
-    return (" (the reader was called on a background thread, one batch ahead; prefetch=False, "
-            "--no-prefetch, calls it on the calling thread, for readers tied to the thread that "
-            "made them)")
+    return (" (the reader was called on a background thread, one batch ahead; "
+            f"{setting('prefetch', False)} calls it on the calling thread, for readers tied to "
+            "the thread that made them)")
 
 
 def take_rows(pending: list[Feed], rows: int, size: int) -> tuple[Feed, list[Feed], int]:

@@ -33,6 +33,7 @@ from onnx_tools.data.plan import MAX_LISTED, BatchPlan, DataSummary
 from onnx_tools.data.prefetch import ahead as run_ahead
 from onnx_tools.data.spec import Feed, InputSpec, check_finite
 from onnx_tools.errors import DataError
+from onnx_tools.options import arg, setting
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +187,13 @@ class DataSource(abc.ABC):
         if step > 1:
             return (
                 f"no samples: shard {first}/{step} gets no batch of size {plan.batch_size} "
-                "(use fewer shards or a smaller batch size)"
+                f"(use fewer shards or a smaller {arg('batch_size')})"
             )
         if dropped:
             return (
                 f"no samples: the only batch had {dropped} sample(s), fewer than the batch "
-                f"size {plan.batch_size} (use a smaller batch size or keep_partial)"
+                f"size {plan.batch_size} (use a smaller {arg('batch_size')} or "
+                f"{setting('keep_partial', True)})"
             )
         return f"no samples in {self.description}"
 

@@ -19,9 +19,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_tools.batchnorms import BatchNormInfo, batchnorms_in_subgraphs, find_batchnorms
+from onnx_tools.batchnorms import BatchNormInfo, check_supported, find_batchnorms
 from onnx_tools.errors import ModelError
 from onnx_tools.graph import UniqueNamer, domain_opset
+from onnx_tools.options import arg
 from onnx_tools.rewrite.emit import (
     Emitter,
     emit_normalization,
@@ -96,7 +97,8 @@ def select_batchnorms(
         inc = re.compile(include) if include else None
         exc = re.compile(exclude) if exclude else None
     except re.error as err:
-        raise ModelError(f"invalid include/exclude regular expression: {err}") from err
+        raise ModelError(f"invalid {arg('include')}/{arg('exclude')} regular expression: "
+                         f"{err}") from err
 
     def hit(pattern: re.Pattern[str] | None, bn: BatchNormInfo) -> bool:
         return pattern is not None and bool(
@@ -128,13 +130,7 @@ def _runnable_selection(
     exclude: str | None, base_dir: str | None,
 ) -> tuple[onnx.ModelProto, list[BatchNormInfo]]:
     """The model onnxruntime can run and its selected BNs (found in *that* model)."""
-    nested = batchnorms_in_subgraphs(model)
-    if nested:
-        raise ModelError(
-            "BatchNormalization inside a control-flow body is not supported: "
-            + "; ".join(nested[:5])
-            + (" ..." if len(nested) > 5 else "")
-        )
+    check_supported(model)
     work = upgrade_old_opset(model)
     if bns is None or work is not model:  # the converter may renumber nodes: find them anew
         bns = find_batchnorms(work, base_dir)
@@ -144,7 +140,8 @@ def _runnable_selection(
     if not chosen:
         names = ", ".join(bn.label for bn in bns[:8])
         raise ModelError(
-            f"the include/exclude patterns select none of the {len(bns)} BatchNormalization "
+            f"the {arg('include')}/{arg('exclude')} patterns select none of the {len(bns)} "
+            "BatchNormalization "
             f"nodes ({names}{' ...' if len(bns) > 8 else ''})"
         )
     return work, chosen

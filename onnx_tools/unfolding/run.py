@@ -38,7 +38,7 @@ from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
 from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_keywords
+from onnx_tools.options import check_keywords, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
@@ -239,13 +239,20 @@ def unfold_model(
 UNFOLD_OPTIONS = ("bn_eps", "sites_include", "sites_exclude", "linear_sites", "waves", "cache_dir")
 
 
+@checked(extra=collect)
 def unfold(
     model: ModelLike | ModelAnalysis,
     data: Any,
     *,
     output: str | os.PathLike | OutputPath | None = None,
     in_place: bool = False,
-    **options: Any,
+    bn_eps: float = DEFAULT_BN_EPS,
+    sites_include: str | None = None,
+    sites_exclude: str | None = None,
+    linear_sites: bool = False,
+    waves: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    **collect_options: Any,
 ) -> UnfoldResult:
     """Unfold ``model`` with source ``data`` and write it to ``output`` (or ``in_place``).
 
@@ -256,12 +263,13 @@ def unfold(
     everything it adds is listed in :class:`UnfoldResult` and ``metadata_props``. Outputs
     are checked before any work; the input model is never modified unless ``in_place``.
     """
-    allowed = [*UNFOLD_OPTIONS, *COLLECT_OPTIONS]  # shard/include/exclude: refused with a reason
-    check_keywords("unfold", options, allowed)
+    check_keywords("unfold", collect_options, COLLECT_OPTIONS)  # shard/include/exclude: refused below
     analysis = analyze_model(model)
     reads = RunReads.of(model=analysis, data=data)  # the source data is the run's data
     target = model_target(analysis.loaded, output, in_place, reads)
-    result = unfold_model(analysis, data, **options)
+    result = unfold_model(analysis, data, bn_eps=bn_eps, sites_include=sites_include,
+                          sites_exclude=sites_exclude, linear_sites=linear_sites, waves=waves,
+                          cache_dir=cache_dir, **collect_options)
     if target is not None:
         write_model(result.model, target, like=analysis.loaded, in_place=in_place)
     return result

@@ -41,6 +41,7 @@ from onnx import TensorProto
 
 from onnx_tools.errors import OptionError
 from onnx_tools.graph import GraphIndex, attribute, constant_value, tensor_type_and_dims
+from onnx_tools.options import checked
 
 #: Convolutions (always candidates) and fully connected layers (with ``linear_sites``).
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -245,6 +246,7 @@ def _output_types(model: onnx.ModelProto) -> dict[str, tuple]:
     return {vi.name: tensor_type_and_dims(vi) for vi in [*g.value_info, *g.output, *g.input]}
 
 
+@checked()
 def find_sites(
     model: onnx.ModelProto,
     *,

@@ -23,9 +23,9 @@ from onnx_tools.analysis import ModelAnalysis
 from onnx_tools.batchnorms import find_batchnorms
 from onnx_tools.collection import PREFETCH, aggregate_batch, open_plan, run_batch
 from onnx_tools.data import DataSummary
-from onnx_tools.errors import ModelError
+from onnx_tools.errors import ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_estimator
+from onnx_tools.options import arg, check_estimator
 from onnx_tools.rewrite import CollectionModel, build_collection_model
 from onnx_tools.session import cpu_only, make_session
 from onnx_tools.unfolding.insert import InsertedBN, set_statistics
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 #: Collection options and their defaults (those of :func:`~onnx_tools.collection.collect`).
 DEFAULTS: dict[str, Any] = {
     "batch_size": 64, "num_samples": None, "estimator": "population", "bessel": False,
-    "provider": "auto", "shuffle": False, "seed": 0, "keep_partial": False,
+    "provider": "auto", "shuffle": False, "seed": None, "keep_partial": False,
     "image_options": None, "prefetch": True, "progress": False,
 }
 
@@ -111,11 +111,14 @@ def run_waves(work: onnx.ModelProto, loaded: LoadedModel, inserted: list[Inserte
     """Collect every inserted BN's statistics in waves; ``work`` gets them written in."""
     opts = {**DEFAULTS, **options}
     check_estimator(opts["estimator"], opts["bessel"])
+    if opts["seed"] is not None and not opts["shuffle"]:
+        raise OptionError(f"{arg('seed')} has no effect without {arg('shuffle')}: the samples "
+                          "are taken in stored order")
     waves = plan_waves(work, inserted)
     linear = any(bn.site.op_type in ("Gemm", "MatMul") for bn in inserted)
     source, plan = open_plan(ModelAnalysis(LoadedModel(work, loaded.path, loaded.base_dir), []), data,
                              batch_size=opts["batch_size"], num_samples=opts["num_samples"],
-                             shuffle=opts["shuffle"], seed=opts["seed"],
+                             shuffle=opts["shuffle"], seed=opts["seed"] or 0,
                              keep_partial=opts["keep_partial"], shard=None,
                              image_options=opts["image_options"], min_batch_size=2 if linear else 1)
     later = {n for w in waves[1:] for n in w.inputs}

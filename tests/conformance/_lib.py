@@ -239,6 +239,18 @@ def check_updates(
     return worst
 
 
+def replay(means: np.ndarray, variances: np.ndarray):
+    """A ``check_updates`` step that answers with statistics a worker already recorded, one
+    update per call (``means[i]``, ``variances[i]``)."""
+    it = iter(range(len(means)))
+
+    def step(_x):
+        i = next(it)
+        return means[i], variances[i]
+
+    return step
+
+
 def check_precise(
     matrix: Matrix,
     framework: str,

@@ -26,11 +26,20 @@ from bnref.testing import BatchNormImpl
 def _t(a, grad=False):
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    if a.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: through float32 (exact both ways)
+        t = torch.from_numpy(np.ascontiguousarray(a.astype(np.float32))).to(torch.bfloat16)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(a))
     return t.requires_grad_(True) if grad else t
 
 
 def _n(t):
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.detach().float().numpy().astype(ml_dtypes.bfloat16)
     return t.detach().numpy()
 
 
@@ -64,7 +73,7 @@ def torch_module_for(x_ndim: int, channels: int, dtype, *, eps: float, momentum)
 
     cls = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
            5: torch.nn.BatchNorm3d}[x_ndim]
-    return cls(channels, eps=eps, momentum=momentum, dtype=getattr(torch, np.dtype(dtype).name))
+    return cls(channels, eps=eps, momentum=momentum, dtype=getattr(torch, np.dtype(dtype).name))  # bfloat16 too
 
 
 def torch_module() -> BatchNormImpl:

@@ -1,5 +1,6 @@
 """Flax linen.BatchNorm and nnx.BatchNorm (use_fast_variance True/False) on JAX CPU vs bnref."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -59,7 +60,8 @@ IMPLS = {
 
 
 # float16: one configuration is enough (every configuration is a new XLA compilation)
-CFG_DTYPES = [(c, np.float32) for c in CONFIGS] + [(CONFIGS[1], np.float16)]
+CFG_DTYPES = [(c, np.float32) for c in CONFIGS] + [(CONFIGS[1], np.float16),
+                                                   (CONFIGS[1], np.dtype(ml_dtypes.bfloat16))]
 
 
 @pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=lambda v: _id(v) if isinstance(v, tuple) else np.dtype(v).name)

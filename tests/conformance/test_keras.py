@@ -2,6 +2,7 @@
 
 import os
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -43,7 +44,8 @@ def test_defaults_match_convention():
     assert (bn.momentum, bn.epsilon, bn.axis) == (KERAS.momentum, KERAS.eps, KERAS.channel_axis)
 
 
-CFG_DTYPES = [(c, np.float32) for c in CONFIGS] + [(CONFIGS[1], np.float16)]
+CFG_DTYPES = [(c, np.float32) for c in CONFIGS] + [(CONFIGS[1], np.float16),
+                                                   (CONFIGS[1], np.dtype(ml_dtypes.bfloat16))]
 
 
 @pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=lambda v: _id(v) if isinstance(v, tuple) else np.dtype(v).name)

@@ -1,5 +1,6 @@
 """PyTorch vs bnref: F.batch_norm, nn.BatchNorm1d/2d/3d, momentum None, swa_utils.update_bn."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,6 +21,7 @@ from tests.conformance._lib import (  # noqa: E402
 )
 from tests.conformance._torch_models import collect_bn_inputs, loader, small_net  # noqa: E402
 
+BF16 = np.dtype(ml_dtypes.bfloat16)
 pytestmark = pytest.mark.frameworks
 V = torch.__version__.split("+")[0]
 
@@ -50,7 +52,7 @@ def test_defaults_match_convention():
     assert sig.parameters["eps"].default == PYTORCH.eps
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, BF16])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_id)
 def test_functional(matrix, cfg, dtype):
     rank, axis, eps, mom = cfg
@@ -61,7 +63,7 @@ def test_functional(matrix, cfg, dtype):
             momentum=mom, variant=variant)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16])
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[1] == 1], ids=_id)
 def test_module(matrix, cfg, dtype):
     rank, axis, eps, mom = cfg

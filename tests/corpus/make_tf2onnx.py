@@ -23,13 +23,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import tf2onnx  # noqa: E402
-import tf2onnx.optimizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "data"
 
 
-def _graph():
+def graph(training: bool = False):
+    """The converted function; ``training=True`` runs each FusedBatchNormV3 in training mode
+    and also returns its batch mean and (Bessel-corrected) variance, for the live check
+    (``tests/corpus/test_live_exports.py``, through ``tests/conformance/exports.py``)."""
     rng = np.random.default_rng(0)
     f = np.float32
 
@@ -46,18 +47,31 @@ def _graph():
         # Constants made inside the function are Const ops tf2onnx turns into initializers
         # (captured eager tensors would become graph inputs).
         c = tf.constant
+        stats = []
+
+        def batch_norm(h, s, o, m, v):
+            if not training:
+                return tf.compat.v1.nn.fused_batch_norm(h, c(s), c(o), c(m), c(v), epsilon=1e-3,
+                                                        is_training=False)[0]
+            h, mean, var = tf.compat.v1.nn.fused_batch_norm(h, c(s), c(o), epsilon=1e-3)
+            stats.extend([mean, var])
+            return h
+
         h = tf.nn.conv2d(x, c(w1), 1, "SAME")
-        h, _, _ = tf.compat.v1.nn.fused_batch_norm(h, *map(c, bn[0]), epsilon=1e-3, is_training=False)
-        h = tf.nn.relu(h)
+        h = tf.nn.relu(batch_norm(h, *bn[0]))
         h = tf.nn.depthwise_conv2d(h, c(w2), [1, 1, 1, 1], "SAME") + c(bias)
-        h, _, _ = tf.compat.v1.nn.fused_batch_norm(h, *map(c, bn[1]), epsilon=1e-3, is_training=False)
-        return tf.reduce_mean(tf.nn.relu6(h), axis=[1, 2]) @ c(wd)
+        h = batch_norm(h, *bn[1])
+        out = tf.reduce_mean(tf.nn.relu6(h), axis=[1, 2]) @ c(wd)
+        return (out, *stats) if training else out
 
     return fn
 
 
 def main() -> None:
-    fn = _graph()
+    import tf2onnx
+    import tf2onnx.optimizer
+
+    fn = graph()
     default = dict(tf2onnx.optimizer._optimizers)
     # remove_back_to_back is the optimizer that folds Conv -> BatchNormalization.
     no_fusion = {k: v for k, v in default.items() if k != "remove_back_to_back"}

@@ -1,8 +1,9 @@
 """Regenerate the golden vectors: run each framework on small fixed inputs and save .npz files.
 
-Usage (needs the ``frameworks`` extra)::
+Usage (needs the ``frameworks`` extra, and the environments of ``make test-reference``)::
 
-    KERAS_BACKEND=jax python -m tests.golden.generate
+    KERAS_BACKEND=jax python -m tests.golden.generate              # everything
+    python -m tests.golden.generate --reference                    # TF, Keras on TF/torch, Paddle, MXNet
 
 Writes ``tests/golden/data/*.npz`` and ``tests/golden/versions.json`` (the versions that made
 them). ``tests/golden/test_golden.py`` checks bnref against these files with no framework
@@ -22,6 +23,7 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -37,6 +39,10 @@ DATA = HERE / "data"
 def _save(name: str, arrays: dict, meta: dict) -> None:
     DATA.mkdir(exist_ok=True)
     payload = {k: np.asarray(v) for k, v in arrays.items()}
+    bf16 = sorted(k for k, v in payload.items() if v.dtype == ml_dtypes.bfloat16)
+    payload.update({k: payload[k].view(np.uint16) for k in bf16})  # .npz has no bfloat16
+    if bf16:
+        meta = dict(meta, bfloat16=",".join(bf16))
     payload.update({f"meta_{k}": np.asarray(v) for k, v in meta.items()})
     np.savez_compressed(DATA / f"{name}.npz", **payload)
 
@@ -144,10 +150,59 @@ def onnx_files(versions):
              momentum=mom, seed=8)
 
 
+def reference_files(versions):
+    """TensorFlow, tf-keras 2, Keras 3 on TF and torch, Paddle, MXNet: each in its own
+    environment (``tests.conformance.remote``; ``make test-reference`` creates them)."""
+    from tests.conformance.remote import Worker, remote_impl
+
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    specs = {  # worker: [(file, framework, api, builder, kwargs, convention, rank, axis, dtype, eps, mom)]
+        "tf": [
+            ("tf_fused_raw_float32", "TensorFlow", "raw_ops.FusedBatchNormV3", "adapters_tf:tf_fused",
+             {"api": "raw"}, "tf_fused", 4, -1, np.float32, 1e-3, 0.3),
+            ("tf_fused_v1_bfloat16", "TensorFlow", "compat.v1.nn.fused_batch_norm", "adapters_tf:tf_fused",
+             {"api": "v1"}, "tf_fused", 4, -1, bf16, 1e-3, 1.0),
+            ("tf_nn_moments_float64", "TensorFlow", "nn.moments + nn.batch_normalization",
+             "adapters_tf:tf_nn_moments", {}, "keras", 3, 1, np.float64, 1e-3, 0.9),
+            ("tf_keras2_fused_float32", "tf-keras 2", "layers.BatchNormalization", "adapters_tf:keras_layer",
+             {"module": "tf_keras"}, "tf_keras2", 4, -1, np.float32, 1e-3, 0.9),
+            ("keras3_tensorflow_float16", "Keras 3 (TensorFlow)", "layers.BatchNormalization",
+             "adapters_tf:keras_layer", {"module": "keras"}, "keras", 4, -1, np.float16, 1e-3, 0.99),
+        ],
+        "main": [
+            ("keras3_torch_bfloat16", "Keras 3 (torch)", "layers.BatchNormalization", "adapters_tf:keras_layer",
+             {"module": "keras"}, "keras", 4, -1, bf16, 1e-3, 0.99),
+        ],
+        "paddle": [
+            ("paddle_functional_nhwc_float32", "PaddlePaddle", "nn.functional.batch_norm",
+             "adapters_paddle:functional", {}, "paddle", 4, -1, np.float32, 1e-5, 0.9),
+            ("paddle_bn1d_float64", "PaddlePaddle", "nn.BatchNorm1D", "adapters_paddle:module", {}, "paddle",
+             3, 1, np.float64, float(np.float32(1e-2)), float(np.float32(0.3))),
+        ],
+        "mxnet": [
+            ("mxnet_operator_float32", "MXNet", "nd.BatchNorm(fix_gamma=False)", "adapters_mxnet:operator",
+             {}, "mxnet", 4, 1, np.float32, 1e-5, 0.9),
+        ],
+    }
+    for env, files in specs.items():
+        w = Worker(env, {"KERAS_BACKEND": "tensorflow" if env == "tf" else "torch", "TF_CPP_MIN_LOG_LEVEL": "3"})
+        versions.update({f"{env}:{k}": v for k, v in w.versions.items() if k not in ("python",)})
+        for i, (name, fw, api, builder, kw, conv, rank, axis, dt, eps, mom) in enumerate(files):
+            _bn_case(name, fw, api, remote_impl(w, builder, **kw), conv, rank=rank, axis=axis,
+                     dtype=dt, eps=eps, momentum=mom, seed=90 + i)
+        w.close()
+
+
 def main() -> None:
-    """Regenerate every fixture and the versions file."""
+    """Regenerate every fixture and the versions file (``--reference``: only the frameworks
+    that run in their own environments, merged into the existing versions file)."""
+    if "--reference" in sys.argv:
+        versions = json.loads((HERE / "versions.json").read_text())
+        reference_files(versions)
+        (HERE / "versions.json").write_text(json.dumps(versions, indent=1, sort_keys=True) + "\n")
+        return
     versions = {"numpy": np.__version__, "python": platform.python_version()}
-    for fn in (torch_files, fvcore_files, flax_files, keras_files, onnx_files):
+    for fn in (torch_files, fvcore_files, flax_files, keras_files, onnx_files, reference_files):
         fn(versions)
     (HERE / "versions.json").write_text(json.dumps(versions, indent=1, sort_keys=True) + "\n")
     print(f"wrote {len(list(DATA.glob('*.npz')))} fixtures to {DATA}")

@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -21,6 +22,8 @@ def _load(path):
     with np.load(path) as z:
         arrays = {k: z[k] for k in z.files if not k.startswith("meta_")}
         meta = {k[5:]: z[k].item() for k in z.files if k.startswith("meta_")}
+    for k in filter(None, meta.get("bfloat16", "").split(",")):  # stored as their uint16 bits
+        arrays[k] = arrays[k].view(ml_dtypes.bfloat16)
     return arrays, meta
 
 
@@ -46,8 +49,10 @@ def _check(path, conv_override=None):
 def test_fixtures_and_versions_present():
     versions = json.loads((HERE / "versions.json").read_text())
     frameworks = {_load(f)[1]["framework"] for f in FILES}
-    assert {"PyTorch", "fvcore", "Flax", "Keras 3 (JAX)", "ONNX", "onnxruntime"} <= frameworks
-    assert {"torch", "fvcore", "flax", "jax", "keras", "onnx", "onnxruntime"} <= set(versions)
+    assert {"PyTorch", "fvcore", "Flax", "Keras 3 (JAX)", "ONNX", "onnxruntime", "TensorFlow",
+            "tf-keras 2", "Keras 3 (TensorFlow)", "Keras 3 (torch)", "PaddlePaddle", "MXNet"} <= frameworks
+    assert {"torch", "fvcore", "flax", "jax", "keras", "onnx", "onnxruntime", "tf:tensorflow",
+            "tf:tf-keras", "paddle:paddlepaddle", "mxnet:mxnet"} <= set(versions)
 
 
 @pytest.mark.parametrize("path", BN_FILES, ids=lambda p: p.stem)
@@ -80,3 +85,16 @@ def test_fixtures_can_fail():
     keras_file = HERE / "data" / "keras_bn_float32.npz"
     with pytest.raises(AssertionError, match="running_var"):
         _check(keras_file, replace(by_name("keras"), unbiased_running_var=True))
+
+
+@pytest.mark.parametrize(("name", "convention", "wrong"), [
+    ("tf_keras2_fused_float32", "tf_keras2", {"unbiased_running_var": False}),
+    ("tf_fused_raw_float32", "tf_fused", {"momentum_weights": "running"}),
+    ("paddle_functional_nhwc_float32", "paddle", {"unbiased_running_var": True}),
+    ("mxnet_operator_float32", "mxnet", {"momentum_weights": "batch"}),
+])
+def test_reference_fixtures_can_fail(name, convention, wrong):
+    """The frameworks run in their own environments (make test-reference) are checked here
+    without them; each fixture rejects the convention mistake it could hide."""
+    with pytest.raises(AssertionError, match="running_(var|mean)"):
+        _check(HERE / "data" / f"{name}.npz", replace(by_name(convention), **wrong))

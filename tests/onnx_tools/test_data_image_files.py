@@ -253,8 +253,8 @@ def test_dynamic_height_and_width_note_the_default_size(tmp_path):
     folder = folder_with(tmp_path, {"a.png": gray(1)})
     source = open_data(folder, one_input("N, 1, H, W"))
     assert source.size == (224, 224)
-    assert ("image size 224x224 (the model's input has dynamic height/width; set the crop "
-            "image option)") in source.summary.notes
+    assert ("image size 224x224 (the model's input has dynamic height/width; set "
+            "image_options.crop)") in source.summary.notes  # --image-crop from the CLI
 
 
 def test_cli_flags_reach_the_image_options(tmp_path):
