@@ -13,9 +13,6 @@ by default. This demo plays the deployment story with the real command line:
    inference), then recalibrate on unlabeled target images;
 5. accuracy before/after for every shift, next to recalibrating the BN-kept twin of the model.
 
-Step 4 needs ``bnref-onnx unfold`` (issue 20). Where this ``onnx_tools`` does not have it, the
-demo stops after step 3 with a one-line message and exit status 3.
-
 ``python -m demo.run_demo_folded [--out DIR] [--seed S] [--source-images N]``.
 """
 
@@ -24,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,10 +31,8 @@ import onnx
 from demo import conv_export as CX
 from demo import convnet as C
 from demo import data as D
-from demo.experiments.conv_common import CONV_MODEL, SOURCE_BATCH, get_conv_split, target_split, unfold_tool
+from demo.experiments.conv_common import CONV_MODEL, SOURCE_BATCH, get_conv_split, target_split
 from demo.run_demo import MAIN_SHIFT, cli_command, recalibrate_cli
-
-NEEDS_UNFOLD = 3  # exit status where onnx_tools has no unfold yet
 
 
 def run_cli(args: list[str]) -> None:
@@ -135,10 +129,6 @@ def main(argv: list[str] | None = None) -> int:
     xs = D.apply_shift(MAIN_SHIFT, sp.x_test, sp.side, seed=args.seed)
     before = CX.onnx_accuracy(onnx.load(str(folded)), xs[held], sp.y_test[held])
     print(f"\nnew camera ({MAIN_SHIFT}: 0.5·x + 0.35): accuracy {100 * before:.2f}% as deployed.")
-    if unfold_tool() is None:
-        print("demo-folded needs `bnref-onnx unfold` (issue 20), which this onnx_tools does not have yet: "
-              "stopping before `recalibrate --source`", file=sys.stderr)
-        return NEEDS_UNFOLD
     print(f"Unfolding on {args.source_images} unlabeled source images, then recalibrating on "
           f"{len(np.load(targets[MAIN_SHIFT], mmap_mode='r'))} unlabeled images from the new camera:")
     rows = [adapt_shift(sp, args.seed, sh, (folded, kept, source, targets[sh]), held, out) for sh in targets]

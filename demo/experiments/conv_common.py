@@ -1,11 +1,11 @@
-"""What the conv-net experiments (6-8) share: the split, the trained nets, and the unfold engines.
+"""What the conv-net experiments (6-8) share: the split, the trained nets, and ``recalibrate --source``.
 
 * :func:`get_conv_split` — the fixed 4,000 / 1,000 train/test split (split seed 0).
 * :data:`CONV_RUNS` — the trained conv nets, one per seed, computed once per invocation
   (:class:`~demo.experiments.spec.SharedInput`): weights, EMA statistics and Precise BN
   statistics over the 4,000 training images (batch :data:`SOURCE_BATCH`, stored order).
-* :func:`unfold_tool` — ``onnx_tools``' unfold, or ``None`` where this ``onnx_tools`` predates
-  it; then the folded arms use only the NumPy reference (:mod:`demo.conv_unfold`) and say so.
+* :func:`tool_adapt` — ``onnx_tools.recalibrate(FOLDED, TARGET, source=SOURCE)``, what
+  ``bnref-onnx recalibrate FOLDED --data TARGET --source SOURCE`` runs.
 * :func:`target_split` — per seed, which test images calibrate (unlabeled) and which evaluate.
 """
 
@@ -65,27 +65,17 @@ def _compute_conv_runs(seeds: Sequence[int], jobs: int) -> list[dict]:
 CONV_RUNS = SharedInput("conv_runs", _compute_conv_runs)
 
 
-def unfold_tool():
-    """``onnx_tools.unfold`` where this ``onnx_tools`` has it (then ``recalibrate`` takes ``source=``)."""
-    try:
-        from onnx_tools import unfold
-    except ImportError:
-        return None
-    return unfold
-
-
-def tool_adapt(folded_model, x_target: np.ndarray, x_source: np.ndarray, batch_size: int = SOURCE_BATCH):
+def tool_adapt(folded_model, x_target: np.ndarray, x_source: np.ndarray):
     """``bnref-onnx recalibrate FOLDED --data TARGET --source SOURCE``: its result.
 
     ``.model`` is the adapted ONNX model, ``.unfolded.statistics`` the inserted BNs' source
-    statistics. The source batches are ``batch_size``, the target batches :data:`SOURCE_BATCH`
-    (one ``batch_size`` option drives both in the tool, so a smaller source uses it for both).
+    statistics; source and target batches of :data:`SOURCE_BATCH`.
     """
     import onnx_tools
     from demo.conv_export import nchw
 
     return onnx_tools.recalibrate(
-        folded_model, nchw(x_target), source=nchw(x_source), bn_eps=EPS_PRIME, batch_size=batch_size,
+        folded_model, nchw(x_target), source=nchw(x_source), bn_eps=EPS_PRIME, batch_size=SOURCE_BATCH,
         provider="cpu",
     )
 
@@ -107,7 +97,6 @@ __all__ = [
     "get_conv_split",
     "target_split",
     "conv_run",
-    "unfold_tool",
     "tool_adapt",
     "logit_gap",
 ]

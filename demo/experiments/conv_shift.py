@@ -5,7 +5,7 @@ recalibrated on unlabeled target images (``bnref-onnx recalibrate``); and the fo
 (no BN node) unfolded on the 4,000 source images and then recalibrated (``bnref-onnx
 recalibrate FOLDED --data TARGET --source SOURCE``), folded once from Precise BN statistics and
 once from the training EMA. The NumPy reference of unfold (:mod:`demo.conv_unfold`) runs beside
-the tool and checks it; where ``onnx_tools`` has no unfold yet, it is the only folded arm.
+the tool and checks it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from demo.experiments.conv_common import (
     logit_gap,
     target_split,
     tool_adapt,
-    unfold_tool,
 )
 from demo.experiments.spec import Experiment
 
@@ -49,25 +48,23 @@ def _kept_arm(params, kept_model, cal, ev) -> tuple[np.ndarray, dict]:
     return logits, logit_gap(ref, logits)
 
 
-def _folded_arm(unfolded, folded_model, cal, ev, y, x_source, kept_logits, tool) -> dict:
-    """Folded + unfold + recalibrate: the NumPy reference, and the tool where it exists."""
+def _folded_arm(unfolded, folded_model, cal, ev, y, x_source, kept_logits) -> dict:
+    """Folded + unfold + recalibrate: by the tool, and by the NumPy reference that checks it."""
     net, _ = unfolded
     ref = C.forward_eval(net, C.precise_stats(net, cal, SOURCE_BATCH, eps=EPS_PRIME), ev, eps=EPS_PRIME)
     rec = {"numpy": {"acc": float((ref.argmax(1) == y).mean()), **logit_gap(kept_logits, ref)}}
-    if tool is not None:
-        logits = CX.run_logits(tool_adapt(folded_model, cal, x_source).model, ev)
-        rec["tool"] = {
-            "acc": float((logits.argmax(1) == y).mean()),
-            **logit_gap(kept_logits, logits),
-            "vs_numpy": logit_gap(ref, logits),
-        }
+    logits = CX.run_logits(tool_adapt(folded_model, cal, x_source).model, ev)
+    rec["tool"] = {
+        "acc": float((logits.argmax(1) == y).mean()),
+        **logit_gap(kept_logits, logits),
+        "vs_numpy": logit_gap(ref, logits),
+    }
     return rec
 
 
 def shift_seed(run: dict, shifts: Sequence[str] | None = None, split=None) -> dict:
     """Every arm for one seed's trained net and every shift."""
     sp = split or get_conv_split()
-    tool = unfold_tool()
     params, seed = run["params"], run["seed"]
     stats = {"precise": run["precise"], "ema": run["ema"]}
     pool, held = target_split(seed, len(sp.x_test))
@@ -85,21 +82,15 @@ def shift_seed(run: dict, shifts: Sequence[str] | None = None, split=None) -> di
         rec["kept_tool_vs_numpy"] = kept_check
         for k in FOLDS:
             rec[f"folded_{k}"] = _folded_arm(
-                unfolded[k], folded_models[k], cal, ev, y, sp.x_train, kept_logits, tool
+                unfolded[k], folded_models[k], cal, ev, y, sp.x_train, kept_logits
             )
         out["shifts"][shift] = rec
-    out["engine"] = "bnref-onnx" if tool is not None else "numpy reference"
     return out
-
-
-def _engine(runs: Sequence[dict]) -> str:
-    return "tool" if all(r["engine"] == "bnref-onnx" for r in runs) else "numpy"
 
 
 def summarize(runs: Sequence[dict], shifts: Sequence[str]) -> dict:
     """Per shift: accuracies over seeds, paired differences, worst logit gaps."""
-    eng = _engine(runs)
-    out = {"engine": eng, "shifts": {}}
+    out = {"shifts": {}}
     for sh in shifts:
         recs = [r["shifts"][sh] for r in runs]
         kept = [x["kept_adapted"] for x in recs]
@@ -108,29 +99,27 @@ def summarize(runs: Sequence[dict], shifts: Sequence[str]) -> dict:
         s["kept_minus_none"] = paired(kept, [x["none_precise"] for x in recs])
         s["kept_tool_vs_numpy_max"] = max(x["kept_tool_vs_numpy"]["rel_max_diff"] for x in recs)
         for k in FOLDS:
-            arm = [x[f"folded_{k}"]["tool" if eng == "tool" else "numpy"] for x in recs]
+            arm = [x[f"folded_{k}"]["tool"] for x in recs]
             acc = [a["acc"] for a in arm]
             s[f"folded_{k}"] = {
                 "acc": mean_std(acc),
                 "minus_kept": paired(acc, kept),
                 "max_rel_logit_diff": max(a["rel_max_diff"] for a in arm),
                 "min_top1_agreement": min(a["top1_agreement"] for a in arm),
+                "tool_vs_numpy_max": max(a["vs_numpy"]["rel_max_diff"] for a in arm),
             }
-            if eng == "tool":
-                s[f"folded_{k}"]["tool_vs_numpy_max"] = max(a["vs_numpy"]["rel_max_diff"] for a in arm)
         out["shifts"][sh] = s
     return out
 
 
 def tables(summary: dict, shifts: Sequence[str], held: int) -> str:
     """Accuracy per arm, then paired differences and logit agreement."""
-    label = "bnref-onnx" if summary["engine"] == "tool" else "NumPy reference of unfold"
     rows = [
         [sh, pct(s["none_precise"]), pct(s["none_ema"]), pct(s["kept_adapted"]),
          pct(s["folded_precise"]["acc"]), pct(s["folded_ema"]["acc"])]
         for sh in shifts for s in [summary["shifts"][sh]]
     ]
-    t1 = f"Test accuracy (%) on {held} held-out shifted digits, mean ± std over seeds (folded arms: {label}):\n\n"
+    t1 = f"Test accuracy (%) on {held} held-out shifted digits, mean ± std over seeds (folded arms: bnref-onnx):\n\n"
     t1 += md_table(
         ["shift", "no adaptation (Precise BN)", "no adaptation (EMA)", "BN-kept, recalibrated",
          "folded (Precise BN) + unfold + recalibrate", "folded (EMA) + unfold + recalibrate"],
@@ -152,15 +141,13 @@ def tables(summary: dict, shifts: Sequence[str], held: int) -> str:
          "folded (EMA) − BN-kept", "max Δlogit", "top-1 agree (%)"],
         rows2,
     )
-    t3 = ""
-    if summary["engine"] == "tool":
-        worst = {k: max(summary["shifts"][sh][f"folded_{k}"]["tool_vs_numpy_max"] for sh in shifts) for k in FOLDS}
-        kept = max(summary["shifts"][sh]["kept_tool_vs_numpy_max"] for sh in shifts)
-        t3 = (
-            "\nEnd to end, `bnref-onnx` vs NumPy (largest |Δlogit| / max |logit| over every seed and shift): "
-            f"folded (Precise BN) + unfold + recalibrate vs the NumPy reference of unfold {worst['precise']:.1e}, "
-            f"folded (EMA) {worst['ema']:.1e}; BN-kept recalibration vs NumPy Precise BN {kept:.1e}.\n"
-        )
+    worst = {k: max(summary["shifts"][sh][f"folded_{k}"]["tool_vs_numpy_max"] for sh in shifts) for k in FOLDS}
+    kept = max(summary["shifts"][sh]["kept_tool_vs_numpy_max"] for sh in shifts)
+    t3 = (
+        "\nEnd to end, `bnref-onnx` vs NumPy (largest |Δlogit| / max |logit| over every seed and shift): "
+        f"folded (Precise BN) + unfold + recalibrate vs the NumPy reference of unfold {worst['precise']:.1e}, "
+        f"folded (EMA) {worst['ema']:.1e}; BN-kept recalibration vs NumPy Precise BN {kept:.1e}.\n"
+    )
     return t1 + t2 + t3
 
 
@@ -184,14 +171,11 @@ def plot(summary: dict, shifts: Sequence[str]):
     return fig
 
 
-def intro(seeds: Sequence[int], summary: dict) -> str:
+def intro(seeds: Sequence[int]) -> str:
     """The protocol paragraph."""
     engine = (
         "`onnx_tools.recalibrate(FOLDED, TARGET, source=SOURCE)` (what `bnref-onnx recalibrate FOLDED --data "
         "TARGET --source SOURCE` runs), checked against the NumPy reference of unfold (`demo/conv_unfold.py`)"
-        if summary["engine"] == "tool"
-        else "**the NumPy reference of unfold** (`demo/conv_unfold.py`, exact depth handling): this "
-        "`onnx_tools` has no `unfold` yet, so the tool's folded arm is not measured here"
     )
     return f"""A conv net (5 × [Conv 3×3 → BatchNorm → ReLU], widths {CONV_MODEL.widths}, global average
 pool, linear; NumPy with bnref's forward/backward; {CONV_MODEL.epochs} epochs, batch {CONV_MODEL.batch_size},
@@ -217,7 +201,7 @@ def conv_shift(seeds: Sequence[int], jobs: int, conv_runs: Sequence[dict]) -> di
     }
     summary["clean_acc"] = {k: mean_std([r[f"clean_acc_{k}"] for r in conv_runs]) for k in FOLDS}
     result = {"model": asdict(CONV_MODEL), "seeds": list(seeds), "summary": summary, "runs": runs}
-    write_outputs(NAME, TITLE, intro(seeds, summary), tables(summary, shifts, 1000 - POOL), result, plot(summary, shifts))
+    write_outputs(NAME, TITLE, intro(seeds), tables(summary, shifts, 1000 - POOL), result, plot(summary, shifts))
     return result
 
 

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from demo import conv_export as CX
-from demo import conv_unfold as U
 from demo import convnet as C
 from demo import data as D
 from demo.experiments.common import (
@@ -29,14 +28,12 @@ from demo.experiments.common import (
 )
 from demo.experiments.conv_common import (
     CONV_RUNS,
-    EPS_PRIME,
     POOL,
     SOURCE_BATCH,
     get_conv_split,
     logit_gap,
     target_split,
     tool_adapt,
-    unfold_tool,
 )
 from demo.experiments.spec import Experiment
 
@@ -53,30 +50,23 @@ def _source(sp, seed: int, n: int, draw: int) -> np.ndarray:
     return sp.x_train[np.random.default_rng([seed, 7, draw]).permutation(len(sp.x_train))[:n]]
 
 
-def _draw_cell(folded, folded_model, x_src, targets, y, tool) -> dict:
-    """One source draw: per shift, unfold on ``x_src``, recalibrate, compare with the BN-kept arm.
+def _draw_cell(folded_model, x_src, targets, y) -> dict:
+    """One source draw: per shift, unfold on ``x_src`` and recalibrate (the tool); vs the BN-kept arm.
 
-    By the tool where it exists, else by the NumPy reference; ``ustats`` are the inserted BNs'
-    statistics either way.
+    ``ustats`` are the inserted BNs' statistics.
     """
-    cell, ustats = {}, None
-    if tool is None:
-        net, ustats = U.unfold(folded, x_src, SOURCE_BATCH, EPS_PRIME)
+    cell = {}
     for sh, (cal, ev, kept) in targets.items():
-        if tool is not None:
-            res = tool_adapt(folded_model, cal, x_src)
-            logits, ustats = CX.run_logits(res.model, ev), list(res.unfolded.statistics.values())
-        else:
-            logits = C.forward_eval(net, C.precise_stats(net, cal, SOURCE_BATCH, eps=EPS_PRIME), ev, eps=EPS_PRIME)
+        res = tool_adapt(folded_model, cal, x_src)
+        logits = CX.run_logits(res.model, ev)
         cell[sh] = {"acc": float((logits.argmax(1) == y).mean()), **logit_gap(kept, logits)}
-    cell["ustats"] = ustats
+        cell["ustats"] = list(res.unfolded.statistics.values())  # the same for every shift
     return cell
 
 
 def sources_seed(run: dict, split=None) -> dict:
     """Every count, draw and shift for one seed's net."""
     sp = split or get_conv_split()
-    tool = unfold_tool()
     params, seed = run["params"], run["seed"]
     folded = C.fold(params, run["precise"])
     folded_model = CX.to_onnx(folded, None)
@@ -88,13 +78,13 @@ def sources_seed(run: dict, split=None) -> dict:
         kept = C.forward_eval(params, C.precise_stats(params, cal, SOURCE_BATCH), ev)
         targets[sh] = (cal, ev, kept)
     y = sp.y_test[held]
-    out = {"seed": seed, "engine": "bnref-onnx" if tool else "numpy reference", "kept": {}, "counts": {}}
+    out = {"seed": seed, "kept": {}, "counts": {}}
     for sh in SHIFTS:
         out["kept"][sh] = float((targets[sh][2].argmax(1) == y).mean())
     for n in COUNTS:
         cells = []
         for draw in range(1 if n >= len(sp.x_train) else DRAWS):
-            cell = _draw_cell(folded, folded_model, _source(sp, seed, n, draw), targets, y, tool)
+            cell = _draw_cell(folded_model, _source(sp, seed, n, draw), targets, y)
             # How far the inserted BNs' statistics are from those the model was folded with
             # (in the folded conv's output units: mean beta, variance gamma^2 v/(v + eps)).
             cell["stats_gap"] = stats_gap(_folded_output_stats(params, run["precise"]), cell.pop("ustats"))
@@ -173,13 +163,12 @@ def plot(summary: dict, runs: Sequence[dict]):
     return fig
 
 
-def intro(seeds: Sequence[int], engine: str) -> str:
+def intro(seeds: Sequence[int]) -> str:
     """The protocol paragraph."""
-    how = ("`onnx_tools.recalibrate(FOLDED, TARGET, source=SOURCE)`" if engine == "tool" else
-           "**the NumPy reference of unfold** (`demo/conv_unfold.py`; this `onnx_tools` has no `unfold` yet)")
+    how = "`onnx_tools.recalibrate(FOLDED, TARGET, source=SOURCE)`"
     return f"""The conv nets of experiment 6, folded from Precise BN statistics over all 4,000 training
 images (batch {SOURCE_BATCH}, stored order). Unfold gets n training images (a seeded random draw, {DRAWS}
-draws per n; n = 4,000 is the stored order the model was folded with), batch min(n, {SOURCE_BATCH}); the
+draws per n; n = 4,000 is the stored order the model was folded with), batch {SOURCE_BATCH}; the
 unfolded model is recalibrated on {POOL} unlabeled shifted test images and evaluated on the other
 {1000 - POOL}, by {how}. Paired against recalibrating the BN-kept model on the same images (NumPy
 Precise BN; experiment 6 checks that `bnref-onnx` gives the same). The last two
@@ -190,11 +179,10 @@ the mean difference in standard deviations, and of ln of the variance ratio). {l
 def unfold_sources(seeds: Sequence[int], jobs: int, conv_runs: Sequence[dict]) -> dict:
     """Experiment 7."""
     runs = run_seeds(sources_seed, list(conv_runs), jobs)
-    engine = "tool" if all(r["engine"] == "bnref-onnx" for r in runs) else "numpy"
     summary = summarize(runs)
-    result = {"counts": COUNTS, "shifts": SHIFTS, "draws": DRAWS, "engine": engine, "seeds": list(seeds),
+    result = {"counts": COUNTS, "shifts": SHIFTS, "draws": DRAWS, "seeds": list(seeds),
               "summary": summary, "runs": runs}
-    write_outputs(NAME, TITLE, intro(seeds, engine), tables(summary, runs), result, plot(summary, runs))
+    write_outputs(NAME, TITLE, intro(seeds), tables(summary, runs), result, plot(summary, runs))
     return result
 
 
