@@ -27,7 +27,9 @@ shards), :mod:`~onnx_tools.apply` (writing statistics back), :mod:`~onnx_tools.r
 (drift), :mod:`~onnx_tools.compare`, :mod:`~onnx_tools.data` (calibration data),
 :mod:`~onnx_tools.modelio` (loading) and :mod:`~onnx_tools.outputs` (atomic writes),
 :mod:`~onnx_tools.options` (every option's type and value, checked once),
-:mod:`~onnx_tools.jsonout` (strict JSON), :mod:`~onnx_tools.cli`.
+:mod:`~onnx_tools.jsonout` (strict JSON),
+:mod:`~onnx_tools.unfolding` (``unfold``: BN back into models whose exporter folded it),
+:mod:`~onnx_tools.cli`.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     )
     from onnx_tools.report import DriftReport
     from onnx_tools.stats import CollectedStats, load_stats, merge_stats, save_stats
+    from onnx_tools.unfolding import Site, UnfoldResult, find_sites, unfold
 
 #: Public name -> the module defining it. Imported on first use (PEP 562), so
 #: ``import onnx_tools.cli`` starts without loading onnx, onnxruntime or the data layer.
@@ -100,6 +103,10 @@ _EXPORTS = {
     "load_stats": "onnx_tools.stats",
     "merge_stats": "onnx_tools.stats",
     "save_stats": "onnx_tools.stats",
+    "Site": "onnx_tools.unfolding",
+    "UnfoldResult": "onnx_tools.unfolding",
+    "find_sites": "onnx_tools.unfolding",
+    "unfold": "onnx_tools.unfolding",
 }
 
 __all__ = [
@@ -121,7 +128,9 @@ __all__ = [
     "OutputPath",
     "ProviderError",
     "RecalibrationResult",
+    "Site",
     "StatsError",
+    "UnfoldResult",
     "analyze_model",
     "apply_stats",
     "check_output",
@@ -129,12 +138,14 @@ __all__ = [
     "compare_models",
     "describe_model",
     "find_batchnorms",
+    "find_sites",
     "inspect_model",
     "load_model",
     "load_stats",
     "merge_stats",
     "recalibrate",
     "save_stats",
+    "unfold",
     "write_model",
 ]
 

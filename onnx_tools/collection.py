@@ -81,6 +81,22 @@ def _min_batch_size(cm: CollectionModel, requested: int) -> int:
     return 1
 
 
+def open_plan(analysis: ModelAnalysis, data: Any, *, batch_size: int, num_samples: int | None,
+              shuffle: bool, seed: int, keep_partial: bool, shard: tuple[int, int] | None,
+              image_options: ImageOptions | None, min_batch_size: int = 1,
+              ) -> tuple[DataSource, BatchPlan]:
+    """Open ``data`` for ``analysis``'s model and check it against the batch plan.
+
+    The source and plan every reader of calibration data batches with (``collect``,
+    ``unfold``); the check reads a reader's first feed, before any session is built.
+    """
+    source = _open_source(analysis, data, image_options)
+    plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed,
+                     keep_partial=keep_partial, shard=shard, min_batch_size=min_batch_size)
+    source.check(plan)
+    return source, plan
+
+
 def _warn_small_batch(size: int, static: bool) -> None:
     if size < SMALL_BATCH:
         advice = (
@@ -95,8 +111,8 @@ def _warn_small_batch(size: int, static: bool) -> None:
         )
 
 
-def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
-    """Run one batch; results by output name."""
+def run_batch(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """Run one batch; results by output name (onnxruntime's failure as a DataError)."""
     try:
         results = session.run(names, feed)
     except Exception as exc:  # onnxruntime's own exception types
@@ -108,10 +124,12 @@ def _run(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int
     return dict(zip(names, results, strict=True))
 
 
-def _aggregate(cm: CollectionModel, by_name: dict[str, np.ndarray],
-               aggs: dict[str, bnref.PreciseBN], index: int) -> None:
-    """Add one batch's statistics of every BN to its PreciseBN."""
+def aggregate_batch(cm: CollectionModel, by_name: dict[str, np.ndarray],
+                    aggs: dict[str, bnref.PreciseBN], index: int) -> None:
+    """Add one batch's statistics of every BN in ``aggs`` to its PreciseBN."""
     for bn in cm.bns:
+        if bn.key not in aggs:
+            continue
         out = cm.outputs[bn.key]
         shape = by_name[out.shape]
         count = int(np.prod(shape)) // int(shape[1])  # N * spatial
@@ -139,7 +157,7 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
         for index, feed in batches:
             if cm.feeds:  # the training kernels' unused running statistics
                 feed = {**feed, **cm.feeds}
-            _aggregate(cm, _run(session, names, feed, index), aggs, index)
+            aggregate_batch(cm, run_batch(session, names, feed, index), aggs, index)
             if bar is not None:
                 bar.update(1)
             if between_batches is not None:
@@ -280,11 +298,10 @@ def collect(
             training_kernel=training_kernel, batch_size=batch_size)
 
     cm = build(cpu_only(provider))
-    source = _open_source(analysis, data, image_options)
-    plan = BatchPlan(batch_size=batch_size, num_samples=num_samples, shuffle=shuffle, seed=seed or 0,
-                     keep_partial=keep_partial, shard=shard,
-                     min_batch_size=_min_batch_size(cm, batch_size))
-    source.check(plan)  # the data fits (first feed of a reader), before the session is built
+    source, plan = open_plan(analysis, data, batch_size=batch_size, num_samples=num_samples,
+                             shuffle=shuffle, seed=seed or 0, keep_partial=keep_partial, shard=shard,
+                             image_options=image_options,
+                             min_batch_size=_min_batch_size(cm, batch_size))
     session, used, cm = _session(cm, provider, build)
     logger.info("collecting with onnxruntime on %s", used.upper())
     batches = source.batches(plan, ahead=PREFETCH if prefetch else 0)

@@ -256,3 +256,19 @@ def tensor_type_and_dims(vi: onnx.ValueInfoProto | None) -> tuple[int | None, li
     elem = vi.type.tensor_type.elem_type or None
     dims = tensor_dims(vi)
     return elem, None if dims is None else [d if isinstance(d, int) else None for d in dims]
+
+
+def constant_tensors(model: onnx.ModelProto, index: GraphIndex | None = None) -> set[str]:
+    """Tensors known before any input: initializers, Constant outputs and what only they make.
+
+    The last covers exporters' aliases of deduplicated weights through Identity nodes.
+    """
+    index = index or GraphIndex(model)
+    const = set(index.initializers)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (
+            any(node.input) and all(n in const for n in node.input if n)
+            and not any(True for _ in subgraphs(node))
+        ):
+            const.update(o for o in node.output if o)
+    return const

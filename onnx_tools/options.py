@@ -21,7 +21,7 @@ import inspect
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -130,6 +130,9 @@ TYPES: dict[str, tuple[Callable[[object], bool], str]] = {
     "linear_sites": (_is_bool, "True or False"),
     "waves": (_is_bool, "True or False"),
     "cache_dir": (_is_path, "a path"),
+    "source": (lambda v: _is_path(v) or isinstance(v, np.ndarray | Mapping | list | tuple)
+               or hasattr(v, "get_next") or hasattr(v, "batches"),
+               "source data: a path, an array, a mapping of arrays or a list of feeds"),
 }
 
 #: Argument name -> (test, what it must be) of its value, once its type is right.

@@ -27,10 +27,10 @@ import onnx
 from onnx import external_data_helper
 
 from onnx_tools import modelio
-from onnx_tools.errors import ModelError, OutputError, short_message
+from onnx_tools.errors import ModelError, OptionError, OutputError, short_message
 from onnx_tools.interrupts import signals_held
 from onnx_tools.modelio import LoadedModel, all_tensors, externalize_float_initializers, model_size
-from onnx_tools.options import checked, setting
+from onnx_tools.options import arg, checked, setting
 from onnx_tools.reads import RunReads, file_key
 
 #: Test injection point, called after the new model is written and checked and before it is
@@ -300,3 +300,23 @@ def atomic_write_bytes(data: bytes, out: str | os.PathLike | OutputPath) -> None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def model_target(loaded: LoadedModel, output: str | os.PathLike | OutputPath | None, in_place: bool,
+                 reads: RunReads) -> OutputPath | None:
+    """Where an API call that writes a model writes it (checked before any work), or None.
+
+    ``in_place`` overwrites ``loaded``'s own file and takes no ``output``; an
+    :class:`OutputPath` was checked by the caller (the CLI); a plain path is checked against
+    ``reads`` (:mod:`onnx_tools.reads`); no output: nothing is written.
+    """
+    if in_place and output is not None:
+        raise OptionError("give output or in_place, not both: in_place=True overwrites the "
+                          "input model itself")
+    if in_place:
+        if loaded.path is None:
+            raise OutputError(f"{arg('in_place')} needs a model path")
+        return check_model_output(loaded.path, reads, in_place=True)
+    if isinstance(output, OutputPath) or output is None:
+        return output
+    return check_model_output(output, reads)

@@ -23,12 +23,14 @@ from onnx_tools.batchnorms import (
     batchnorms_in_subgraphs,
 )
 from onnx_tools.collection import collect
-from onnx_tools.errors import OptionError, OutputError
-from onnx_tools.options import arg, check_keywords, check_prior_strength, checked
-from onnx_tools.outputs import OutputPath, check_model_output, write_model
+from onnx_tools.errors import OptionError
+from onnx_tools.modelio import LoadedModel
+from onnx_tools.options import check_keywords, check_prior_strength, checked
+from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
+from onnx_tools.unfolding import Site, UnfoldResult, find_sites, unfold_model
 
 
 @dataclass
@@ -38,6 +40,7 @@ class ModelDescription:
     batchnorms: list[BatchNormInfo]
     in_subgraphs: list[str] = field(default_factory=list)
     in_functions: list[str] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
 
     @property
     def advice(self) -> str | None:
@@ -47,7 +50,13 @@ class ModelDescription:
                     f"recalibrated: {FUNCTION_ADVICE}")
         if self.batchnorms or self.in_subgraphs:
             return None
-        return f"no BatchNormalization: {EXPORT_ADVICE}"
+        text = f"no BatchNormalization: {EXPORT_ADVICE}"
+        if self.sites:
+            text += (f". Where re-exporting is not possible, `bnref-onnx unfold` puts a BN back "
+                     f"after each of the {len(self.sites)} folded layer(s) listed, from source "
+                     "data (`unfold MODEL --data SOURCE -o OUT`, or `recalibrate MODEL --data "
+                     "TARGET --source SOURCE -o OUT` to adapt it at once)")
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``inspect --json``)."""
@@ -55,6 +64,7 @@ class ModelDescription:
             "batchnorms": [bn.to_dict() for bn in self.batchnorms],
             "in_subgraphs": list(self.in_subgraphs),
             "in_functions": list(self.in_functions),
+            "unfold_sites": [site.to_dict() for site in self.sites],
         }
         if self.advice:
             out["advice"] = self.advice
@@ -65,7 +75,8 @@ def describe_model(model: ModelLike | ModelAnalysis) -> ModelDescription:
     """Every BN of the main graph (channels, eps, momentum, storage) and those in subgraphs."""
     analysis = analyze_model(model)
     return ModelDescription(analysis.batchnorms, batchnorms_in_subgraphs(analysis.model),
-                            analysis.functions.unsupported)
+                            in_functions=analysis.functions.unsupported,
+                            sites=find_sites(analysis.model))
 
 
 def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
@@ -91,6 +102,7 @@ class RecalibrationResult:
     report: DriftReport
     stats: CollectedStats
     applied: ApplyResult
+    unfolded: UnfoldResult | None = None
 
 
 @checked(extra=collect)
@@ -101,9 +113,19 @@ def recalibrate(
     output: str | os.PathLike | OutputPath | None = None,
     in_place: bool = False,
     prior_strength: float | None = None,
+    source: Any = None,
+    bn_eps: float | None = None,
+    sites_include: str | None = None,
+    sites_exclude: str | None = None,
+    linear_sites: bool = False,
     **collect_options: Any,
 ) -> RecalibrationResult:
     """Collect Precise BatchNorm statistics over ``data`` and write them into ``model``.
+
+    With ``source`` the model's BN was folded away at export: it is first unfolded with
+    ``source`` data (:func:`onnx_tools.unfold`; ``bn_eps``, ``sites_include``,
+    ``sites_exclude`` and ``linear_sites`` go there, as do the collection options but
+    ``include``/``exclude``), then recalibrated on ``data``.
 
     ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
     ``estimator="population"``, ``provider="auto"``, ...). With ``output`` (or ``in_place``
@@ -111,25 +133,29 @@ def recalibrate(
     returned. The input model is never modified unless ``in_place`` (which takes no
     ``output``); an output that is a file the run reads is refused (:mod:`onnx_tools.reads`).
     """
+    given = {"bn_eps": bn_eps, "sites_include": sites_include, "sites_exclude": sites_exclude,
+             "linear_sites": linear_sites or None}
+    unfold_options = {k: v for k, v in given.items() if v is not None}
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
-    if in_place and output is not None:
-        raise OptionError("give output or in_place, not both: in_place=True overwrites the "
-                          "input model itself")
+    if unfold_options and source is None:
+        raise OptionError(f"{', '.join(sorted(unfold_options))} applies to folded models: "
+                          "give source (the data to unfold with)")
     analysis = analyze_model(model)
+    unfolded = None
     check_prior_strength(prior_strength)  # fail before collecting, not after
     # Every output is checked against everything the run reads (onnx_tools.reads).
     reads = RunReads.of(model=analysis, data=data)
-    target = None
-    if in_place:
-        if analysis.loaded.path is None:
-            raise OutputError(f"{arg('in_place')} needs a model path")
-        target = check_model_output(analysis.loaded.path, reads, in_place=True)
-    elif isinstance(output, OutputPath):
-        target = output  # checked by the caller
-    elif output is not None:
-        target = check_model_output(output, reads)
+    if source is not None:
+        reads.add_data(source, "source data")
+    target = model_target(analysis.loaded, output, in_place, reads)
+    if source is not None:
+        unfolded = unfold_model(analysis, source, **unfold_options, **{
+            k: v for k, v in collect_options.items() if k not in ("include", "exclude", "shard")})
+        loaded = analysis.loaded
+        analysis = analyze_model(LoadedModel(unfolded.model, loaded.path, loaded.base_dir,
+                                             loaded.external, loaded.locations))
     stats = collect(analysis, data, **collect_options)
     applied = apply_stats(analysis, stats, prior_strength=prior_strength)
     if target is not None:
         write_model(applied.model, target, like=analysis.loaded, in_place=in_place)
-    return RecalibrationResult(applied.model, applied.report, stats, applied)
+    return RecalibrationResult(applied.model, applied.report, stats, applied, unfolded)

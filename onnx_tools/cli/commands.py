@@ -12,10 +12,10 @@ import argparse
 from dataclasses import dataclass
 
 from onnx_tools.apply import apply_stats
-from onnx_tools.batchnorms import EXPORT_ADVICE, FUNCTION_ADVICE
+from onnx_tools.batchnorms import FUNCTION_ADVICE
 from onnx_tools.collection import collect
 from onnx_tools.compare import compare_models
-from onnx_tools.errors import OutputError
+from onnx_tools.errors import OptionError, OutputError
 from onnx_tools.jsonout import strict_dumps
 from onnx_tools.outputs import (
     OutputPath,
@@ -29,6 +29,7 @@ from onnx_tools.pipeline import ModelDescription, describe_model, recalibrate
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import load_stats, merge_state, merge_stats, save_stats
+from onnx_tools.unfolding import unfold
 
 
 def _image_options(args: argparse.Namespace):
@@ -60,8 +61,7 @@ def _collect_kwargs(args: argparse.Namespace) -> dict:
         "shuffle": args.shuffle,
         "seed": args.seed,
         "keep_partial": args.keep_partial,
-        "include": args.include,
-        "exclude": args.exclude,
+        **({"include": args.include, "exclude": args.exclude} if hasattr(args, "include") else {}),
         "image_options": _image_options(args),
         "prefetch": not args.no_prefetch,
         "progress": None if not args.quiet else False,
@@ -84,7 +84,7 @@ def _print(text: str) -> None:
 def _format_description(name: str, desc: ModelDescription) -> list[str]:
     lines = []
     if not desc.batchnorms and not desc.in_functions and not desc.in_subgraphs:
-        lines.append(f"{name}: no BatchNormalization node in the main graph; {EXPORT_ADVICE}.")
+        lines.append(f"{name}: {desc.advice}.")
     for bn in desc.batchnorms:
         s = bn.summary()
         stats = "not stored"
@@ -107,6 +107,10 @@ def _format_description(name: str, desc: ModelDescription) -> list[str]:
                      f"{FUNCTION_ADVICE}): " + "; ".join(desc.in_functions))
     if desc.batchnorms:
         lines.append(f"{len(desc.batchnorms)} BatchNormalization node(s)")
+    if desc.sites:
+        lines.append(f"{len(desc.sites)} layer(s) without BN that `unfold` would give one "
+                     "(folded at export):")
+        lines += [f"  {site.op_type} {site.label}  ({site.channels} channels)" for site in desc.sites]
     return lines
 
 
@@ -127,7 +131,7 @@ class _Targets:
 
 
 #: The subcommands whose OUT is a model (the others write a STATS file).
-MODEL_WRITERS = ("recalibrate", "apply")
+MODEL_WRITERS = ("recalibrate", "apply", "unfold")
 
 
 def _check_outputs(args: argparse.Namespace) -> _Targets:
@@ -139,6 +143,8 @@ def _check_outputs(args: argparse.Namespace) -> _Targets:
     """
     reads = RunReads.of(model=getattr(args, "model", None), data=getattr(args, "data", None),
                         stats=getattr(args, "stats", None))
+    if getattr(args, "source", None) is not None:
+        reads.add_data(args.source, "source data")
     in_place = getattr(args, "in_place", False)
     if args.command in MODEL_WRITERS:
         output = check_model_output(args.model if in_place else args.output, reads,
@@ -159,13 +165,39 @@ def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) ->
         _print(f"wrote {args.model if args.in_place else args.output}")
 
 
+def _unfold_kwargs(args: argparse.Namespace) -> dict:
+    given = {"sites_include": args.sites_include, "sites_exclude": args.sites_exclude,
+             "bn_eps": args.bn_eps}
+    return {**{k: v for k, v in given.items() if v is not None},
+            "linear_sites": args.linear_sites}
+
+
 def _cmd_recalibrate(args: argparse.Namespace) -> int:
     targets = _check_outputs(args)
+    unfold_options = _unfold_kwargs(args)
+    if args.source is None:
+        given = [f"--{k.replace('_', '-')}" for k, v in unfold_options.items() if v]
+        if given:
+            raise OptionError(f"{', '.join(given)} applies to folded models: give --source")
+        unfold_options = {}
     result = recalibrate(
         args.model, args.data, output=None if args.in_place else targets.output,
-        in_place=args.in_place, prior_strength=args.prior_strength, **_collect_kwargs(args),
+        in_place=args.in_place, prior_strength=args.prior_strength, source=args.source,
+        **unfold_options, **_collect_kwargs(args),
     )
     _finish(args, result.report, targets)
+    return 0
+
+
+def _cmd_unfold(args: argparse.Namespace) -> int:
+    targets = _check_outputs(args)
+    result = unfold(args.model, args.data, output=None if args.in_place else targets.output,
+                    in_place=args.in_place, **_unfold_kwargs(args), **_collect_kwargs(args))
+    if not args.quiet:
+        _print(f"inserted {len(result.inserted)} BatchNormalization(s) (depth {result.passes}: "
+               f"{result.passes} pass(es) over {result.num_samples} source samples, "
+               f"eps {result.bn_eps:g})")
+        _print(f"wrote {args.model if args.in_place else args.output}")
     return 0
 
 
@@ -212,6 +244,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 COMMANDS = {
     "inspect": _cmd_inspect,
     "recalibrate": _cmd_recalibrate,
+    "unfold": _cmd_unfold,
     "collect": _cmd_collect,
     "merge": _cmd_merge,
     "apply": _cmd_apply,

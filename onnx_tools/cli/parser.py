@@ -88,7 +88,7 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
-def _add_collection(p: argparse.ArgumentParser) -> None:
+def _add_collection(p: argparse.ArgumentParser, *, bn_selection: bool = True) -> None:
     g = p.add_argument_group("collection options")
     g.add_argument("--batch-size", type=_positive_int, default=64,
                    help="normalization batch size (default 64; a static batch dim overrides)")
@@ -107,8 +107,9 @@ def _add_collection(p: argparse.ArgumentParser) -> None:
                    help="seed for --shuffle (default 0; refused without --shuffle)")
     g.add_argument("--keep-partial", action="store_true",
                    help="keep a final batch smaller than --batch-size (dropped by default)")
-    g.add_argument("--include", metavar="REGEX", help="only BN whose node/output name matches")
-    g.add_argument("--exclude", metavar="REGEX", help="skip BN whose node/output name matches")
+    if bn_selection:  # unfold runs every BN in training mode
+        g.add_argument("--include", metavar="REGEX", help="only BN whose node/output name matches")
+        g.add_argument("--exclude", metavar="REGEX", help="skip BN whose node/output name matches")
     g.add_argument("--no-prefetch", action="store_true",
                    help="read each batch on the main thread instead of one batch ahead on a "
                    "background thread (for readers tied to their thread, e.g. sqlite3)")
@@ -141,6 +142,28 @@ def _add_images(p: argparse.ArgumentParser) -> None:
                    "draft while it keeps 2.5x the resize target)")
 
 
+def _add_unfold(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("unfold options (folded models)")
+    g.add_argument("--sites-include", metavar="REGEX",
+                   help="also insert a BN after the layers whose node/output name matches")
+    g.add_argument("--sites-exclude", metavar="REGEX",
+                   help="insert no BN after the layers whose node/output name matches")
+    g.add_argument("--linear-sites", action="store_true",
+                   help="also Gemm/MatMul layers (a BN1d folded into a fully connected layer)")
+    g.add_argument("--bn-eps", type=_positive_float, metavar="E", default=None,
+                   help="epsilon of the inserted BNs (default 1e-5; see docs/unfold.md)")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def _output_group(p: argparse.ArgumentParser, *, short: bool) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     names = ["--output", "-o"] if short else ["--output"]
@@ -165,6 +188,16 @@ SUBCOMMANDS = {
         ["bnref-onnx recalibrate model.onnx --data calib.npz -o fixed.onnx",
          "bnref-onnx recalibrate model.onnx --data images/ -o fixed.onnx --batch-size 32 "
          "--report drift.json"],
+    ),
+    "unfold": (
+        "put BN back into a model whose exporter folded it",
+        "Insert a BatchNormalization after each convolution the exporter folded a BN into, "
+        "with the population statistics of its output on SOURCE data (every BN in training "
+        "mode, exact by depth). The new model computes what the input does at inference; "
+        "recalibrate it on target data to adapt it as if BN had been kept. `inspect` lists "
+        "the sites.",
+        ["bnref-onnx unfold folded.onnx --data source_images/ -o unfolded.onnx",
+         "bnref-onnx recalibrate folded.onnx --data target/ --source source/ -o adapted.onnx"],
     ),
     "collect": (
         "collect statistics into a STATS file",
@@ -222,6 +255,19 @@ def _add_model_commands(sub: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--prior-strength", type=_nonneg_float, metavar="N0",
                    help="blend old and new statistics (Schneider et al. 2020)")
     p.add_argument("--report", metavar="REPORT.json", help="write the drift report as JSON")
+    p.add_argument("--source", metavar="SOURCE",
+                   help="the model's BN was folded: unfold it with SOURCE data first (the "
+                   "data it was trained on), then recalibrate on DATA")
+    _add_unfold(p)
+
+    p = _subcommand(sub, "unfold", common)
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="source data (what the model was trained on): .npy, .npz, image "
+                   "folder, module:function or file.py:function")
+    _output_group(p, short=True)
+    _add_collection(p, bn_selection=False)
+    _add_unfold(p)
 
 
 def _add_stats_commands(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

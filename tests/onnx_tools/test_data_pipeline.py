@@ -312,14 +312,14 @@ def test_interrupt_between_batches_stops_the_threads_working_ahead(cnn_folder, m
 def test_a_session_error_is_not_hidden_by_the_bad_batch_made_ahead(monkeypatch):
     data = cnn_data(16)
     data[9, 0, 0, 0] = np.inf  # batch 2: made, and failing, while batch 1 runs
-    real = collection_mod._run
+    real = collection_mod.run_batch
 
     def run(session, names, feed, index):
         if index == 1:
             raise DataError("batch 1: onnxruntime could not run the model on it: test")
         return real(session, names, feed, index)
 
-    monkeypatch.setattr(collection_mod, "_run", run)
+    monkeypatch.setattr(collection_mod, "run_batch", run)
     messages = {}
     for prefetch in (1, 0):
         monkeypatch.setattr(collection_mod, "PREFETCH", prefetch)
@@ -327,7 +327,7 @@ def test_a_session_error_is_not_hidden_by_the_bad_batch_made_ahead(monkeypatch):
             ot.collect(cnn_model(), data, batch_size=4)
         messages[prefetch] = str(caught.value)
     assert messages[1] == messages[0] == "batch 1: onnxruntime could not run the model on it: test"
-    monkeypatch.setattr(collection_mod, "_run", real)
+    monkeypatch.setattr(collection_mod, "run_batch", real)
     for prefetch in (1, 0):
         monkeypatch.setattr(collection_mod, "PREFETCH", prefetch)
         with pytest.raises(DataError, match=r"^batch 2: input 'x' contains 1 NaN/Inf"):

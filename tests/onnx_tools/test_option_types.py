@@ -38,11 +38,14 @@ RECALIBRATE_EXTRA = sorted(
 #: option fails test_every_keyword_option_has_a_kind until it is given one, and is then drawn.
 KINDS = {
     "an integer": {"batch_size", "num_samples", "seed"},
-    "a string": {"estimator", "provider", "include", "exclude", "what"},
-    "True or False": {"bessel", "shuffle", "keep_partial", "prefetch", "progress", "in_place"},
-    "a number": {"prior_strength"},
+    "a string": {"estimator", "provider", "include", "exclude", "what", "sites_include",
+                 "sites_exclude"},
+    "True or False": {"bessel", "shuffle", "keep_partial", "prefetch", "progress", "in_place",
+                      "linear_sites", "waves"},
+    "a number": {"prior_strength", "bn_eps"},
     "a pair": {"shard"},
-    "other": {"image_options", "output", "like", "labels", "input_path", "reads"},
+    "other": {"image_options", "output", "like", "labels", "input_path", "reads", "source",
+              "cache_dir"},
 }
 
 

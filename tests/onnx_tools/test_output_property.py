@@ -100,6 +100,10 @@ def _run(command: str, root: Path, data: str, out: str, scratch: Path, loaded) -
         "merge -o": ["merge", root / "s0.npz", root / "s1.npz", "-o", out],
         "apply -o": ["apply", model, root / "full.npz", "-o", out],
         "apply --in-place --report": ["apply", model, root / "full.npz", "--in-place", "--report", out],
+        "unfold -o": ["unfold", model, "--data", data, "-o", out],
+        # --source is read as well as --data: the output drawn from the source's files
+        "recalibrate --source -o": ["recalibrate", model, "--data", root / "calib.npy",
+                                    "--source", data, "-o", out],
     }
     if command in cli:
         rc, _, err = run_cli(*cli[command])
@@ -108,12 +112,14 @@ def _run(command: str, root: Path, data: str, out: str, scratch: Path, loaded) -
     try:
         if command == "api recalibrate":
             ot.recalibrate(model, data, output=out, batch_size=8)
+        elif command == "api unfold":
+            ot.unfold(model, data, output=out, batch_size=8)
         else:
             ot.write_model(loaded.model, out, like=loaded)
     except ot.OutputError as exc:
         return f"bnref-onnx: error: {exc}"
     except ot.ModelError as exc:
-        assert command == "api recalibrate" and "hard links" in str(exc), exc
+        assert command in ("api recalibrate", "api unfold") and "hard links" in str(exc), exc
         return f"bnref-onnx: error: {exc}"
     raise AssertionError(f"{command} wrote {out}")
 
@@ -186,7 +192,18 @@ COMMANDS = {
     "recalibrate -o": DATA_KINDS, "recalibrate --report": DATA_KINDS, "collect -o": DATA_KINDS,
     "api recalibrate": DATA_KINDS, "merge -o": ("npy",), "apply -o": ("npy",),
     "apply --in-place --report": ("npy",), "api write_model": ("npy",),
+    "unfold -o": DATA_KINDS, "recalibrate --source -o": DATA_KINDS, "api unfold": DATA_KINDS,
 }
+
+
+def test_every_writing_subcommand_is_drawn():
+    """A subcommand added later with an output is in COMMANDS, or this fails."""
+    from onnx_tools.cli.parser import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    writers = {name for name, p in sub.choices.items()
+               if any(o in p._option_string_actions for o in ("--output", "--in-place", "--report"))}
+    assert writers == {c.split()[0] for c in COMMANDS if not c.startswith("api")}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -196,9 +213,11 @@ COMMANDS = {
 def test_no_output_destroys_an_input(world, command, data, monkeypatch):
     import onnx_tools.cli.commands as commands
     import onnx_tools.pipeline as pipeline
+    import onnx_tools.unfolding.run as unfolding
 
     for module, name in ((commands, "recalibrate"), (commands, "collect"), (commands, "merge_stats"),
-                         (commands, "apply_stats"), (pipeline, "collect")):
+                         (commands, "apply_stats"), (pipeline, "collect"), (commands, "unfold"),
+                         (pipeline, "unfold_model"), (unfolding, "unfold_model")):
         monkeypatch.setattr(module, name, _trip)
     monkeypatch.chdir(world)  # where a module:function reader is found
     plan = data.draw(plans(COMMANDS[command]), label="plan")

@@ -1,0 +1,284 @@
+"""Where a folded model had its BatchNormalization: the *sites* ``unfold`` inserts BNs at.
+
+An exporter that folds BN into the preceding convolution leaves a Conv whose weights and bias
+absorbed the BN; nothing in the graph says which convolutions had one. :func:`find_sites`
+decides from the graph's structure, by four rules, each one a pattern of a convolution that
+never had a BN:
+
+1. its output is a graph output (a head ends there);
+2. it already feeds a BatchNormalization, directly or through operators that do not change
+   what a BN sees per channel up to an affine map (Concat, AveragePool, Add, Pad, Reshape,
+   Transpose, ...), but no nonlinearity: DenseNet's and pre-activation ResNets' convolutions
+   that feed the next layer's BN-ReLU-Conv;
+3. its input is *pooled*: derived from a global pooling (GlobalAveragePool, ReduceMean, ...)
+   through operators that keep the pooled shape: squeeze-and-excitation gates (MobileNetV3,
+   EfficientNet, RegNetY) and classifier convolutions after pooling;
+4. its output reaches a graph output through linear or structural operators only (and final
+   Softmax/Sigmoid): detection box/score heads, final 1x1 classifier convolutions.
+
+On every torchvision architecture of the test corpus (ResNet-18, MobileNetV3-small,
+EfficientNet-B0, DenseNet-121, ShuffleNetV2, RegNetY-400MF, MNASNet) the sites found equal
+exactly the convolutions that had a BN in the BN-kept export (``tests/corpus/test_unfold.py``).
+A model where the rules are wrong is fixed with ``sites_include`` / ``sites_exclude``
+(``--sites-include`` / ``--sites-exclude``), regular expressions on the node or output name:
+the sites are the rule's, minus those ``sites_exclude`` matches, plus every candidate
+``sites_include`` matches.
+
+Gemm and MatMul (a BN1d folded into a fully connected layer) are candidates only with
+``linear_sites`` (``--linear-sites``); rule 3 does not apply to them (a fully connected layer
+after pooling is where BN1d sits), and a MatMul only where its output is 2-D (N, C).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from onnx_tools.errors import OptionError
+from onnx_tools.graph import GraphIndex, attribute, constant_value, tensor_type_and_dims
+from onnx_tools.options import checked
+
+#: Convolutions (always candidates) and fully connected layers (with ``linear_sites``).
+CONV_OPS = ("Conv", "ConvTranspose")
+LINEAR_OPS = ("Gemm", "MatMul")
+
+#: Operators that change what a downstream BN sees per channel by at most an affine map: a
+#: convolution reaching a BN through these alone was normalized there, not by a BN of its own.
+_AFFINE_PASS = frozenset({
+    "Identity", "Concat", "AveragePool", "Pad", "Reshape", "Flatten", "Transpose", "Slice",
+    "Split", "Squeeze", "Unsqueeze", "Resize", "Upsample", "DepthToSpace", "SpaceToDepth",
+    "Dropout", "Cast", "Add", "Sum", "Sub",
+})
+#: Operators a head's output passes through on its way to a graph output (rule 4).
+_HEAD_PASS = _AFFINE_PASS | {"Softmax", "LogSoftmax", "Sigmoid", "Mul", "Div", "Gather",
+                             "Expand", "Tile", "GlobalAveragePool", "ReduceMean"}
+#: Operators whose output is pooled over the spatial axes (rule 3).
+_POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean",
+                    "ReduceMax", "ReduceL2", "ReduceSum"})
+#: BatchNormalization in the default domain.
+_BN = "BatchNormalization"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One folded layer: a BN goes after node ``index`` (``op_type``) on tensor ``output``.
+
+    ``channels``: output channels, the new BN's length; ``elem``: the weights' element type
+    (the inserted BN's tensors take it, so onnxruntime can fold the BN back into the node).
+    """
+
+    index: int
+    node_name: str
+    op_type: str
+    output: str
+    channels: int
+    elem: int
+
+    @property
+    def label(self) -> str:
+        """Name for messages: the node name, else its output."""
+        return self.node_name or self.output
+
+    def to_dict(self) -> dict:
+        """JSON-ready (``inspect --json``, provenance)."""
+        return {"node": self.node_name, "op_type": self.op_type, "output": self.output,
+                "channels": self.channels}
+
+
+def _weight(index: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of a constant tensor (initializer or Constant node), else None."""
+    init = index.initializers.get(name)
+    if init is not None:
+        return onnx.numpy_helper.to_array(init)
+    producer = index.producer.get(name)
+    if producer is not None and index.model.graph.node[producer].op_type == "Constant":
+        return constant_value(index.model.graph.node[producer])
+    return None
+
+
+def _channels(node: onnx.NodeProto, w: np.ndarray, out_dims: list[int | None] | None) -> int | None:
+    """Output channels of a Conv/ConvTranspose/Gemm/MatMul from its weight."""
+    if node.op_type == "Conv":
+        return int(w.shape[0]) if w.ndim >= 3 else None
+    if node.op_type == "ConvTranspose":
+        return int(w.shape[1]) * int(attribute(node, "group", 1)) if w.ndim >= 3 else None
+    if w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        return int(w.shape[0] if attribute(node, "transB", 0) else w.shape[1])
+    if out_dims is None or len(out_dims) != 2:  # MatMul: only (N, K) @ (K, C)
+        return None
+    return int(w.shape[1])
+
+
+def _reaches(index: GraphIndex, start: str, through: frozenset[str] | set[str], goal) -> bool:
+    """Whether ``goal(node, input_name)`` holds for a node reached from ``start`` via ``through``."""
+    seen, queue = {start}, deque([start])
+    nodes = index.model.graph.node
+    while queue:
+        name = queue.popleft()
+        for i, _slot in index.consumers.get(name, []):
+            node = nodes[i]
+            if goal(node, name):
+                return True
+            if node.op_type in through:
+                for out in node.output:
+                    if out and out not in seen:
+                        seen.add(out)
+                        queue.append(out)
+    return False
+
+
+def _reaches_output(index: GraphIndex, start: str) -> bool:
+    """Rule 4: a path of head operators from ``start`` to a graph output."""
+    if start in index.outputs:
+        return True
+    seen, queue = {start}, deque([start])
+    nodes = index.model.graph.node
+    while queue:
+        name = queue.popleft()
+        for i, _slot in index.consumers.get(name, []):
+            if nodes[i].op_type not in _HEAD_PASS:
+                continue
+            for out in nodes[i].output:
+                if out in index.outputs:
+                    return True
+                if out and out not in seen:
+                    seen.add(out)
+                    queue.append(out)
+    return False
+
+
+def _constant_tensors(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
+    """Initializers, Constant outputs, and outputs of nodes whose inputs are all constant.
+
+    Exporters alias deduplicated weights through Identity nodes (TorchScript:
+    ``bias = Identity(other_bias)``): those are constants too.
+    """
+    const = set(index.initializers)
+    for node in model.graph.node:
+        if node.op_type == "Constant" or (
+            node.input and all(n in const for n in node.input if n) and not any(
+                True for _ in _subgraph_attrs(node))
+        ):
+            const.update(o for o in node.output if o)
+    return const
+
+
+def _subgraph_attrs(node: onnx.NodeProto):
+    return (a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH,
+                                                    onnx.AttributeProto.GRAPHS))
+
+
+def _pooled_tensors(model: onnx.ModelProto, const: set[str]) -> set[str]:
+    """Rule 3: tensors derived from a global pooling through shape-keeping operators.
+
+    A node's outputs are pooled when it pools, or when every one of its non-constant inputs
+    is pooled (so ``Mul(features, gate)`` is not: the features are not pooled).
+    """
+    pooled: set[str] = set()
+    for node in model.graph.node:
+        dynamic = [n for n in node.input if n and n not in const]
+        if node.op_type in _POOLS and (node.op_type.startswith("Global")
+                                       or attribute(node, "keepdims", 1)):
+            pooled.update(node.output)
+        elif dynamic and all(n in pooled for n in dynamic):
+            pooled.update(node.output)
+    return pooled
+
+
+def _element_type(model: onnx.ModelProto, w: np.ndarray) -> int:
+    return int(onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
+
+
+def _compile(pattern: str | None, what: str) -> re.Pattern[str] | None:
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise OptionError(f"invalid {what} regular expression {pattern!r}: {err}") from err
+
+
+def _candidates(model: onnx.ModelProto, index: GraphIndex, linear_sites: bool,
+                out_types: dict[str, tuple]) -> list[Site]:
+    """Every Conv/ConvTranspose (and Gemm/MatMul) with a constant float weight."""
+    ops = CONV_OPS + (LINEAR_OPS if linear_sites else ())
+    found = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type not in ops or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
+            continue
+        w = _weight(index, node.input[1])
+        if w is None or w.dtype not in (np.float32, np.float16, np.float64):
+            continue
+        channels = _channels(node, w, out_types.get(node.output[0], (None, None))[1])
+        if channels is None:
+            continue
+        found.append(Site(i, node.name, node.op_type, node.output[0], channels,
+                          _element_type(model, w)))
+    return found
+
+
+def _default_rule(index: GraphIndex, site: Site, pooled: set[str]) -> bool:
+    node = index.model.graph.node[site.index]
+    if site.output in index.outputs:
+        return False  # rule 1
+    if _reaches(index, site.output, _AFFINE_PASS,
+                lambda n, name: n.op_type == _BN and n.input[0] == name):
+        return False  # rule 2
+    if site.op_type in CONV_OPS and node.input[0] in pooled:
+        return False  # rule 3
+    return not _reaches_output(index, site.output)  # rule 4
+
+
+def _output_types(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Element type and dims of every tensor shape inference can type (MatMul needs rank)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001  (onnx raises several types; shapes are optional here)
+        inferred = model
+    g = inferred.graph
+    return {vi.name: tensor_type_and_dims(vi) for vi in [*g.value_info, *g.output, *g.input]}
+
+
+@checked()
+def find_sites(
+    model: onnx.ModelProto,
+    *,
+    sites_include: str | None = None,
+    sites_exclude: str | None = None,
+    linear_sites: bool = False,
+) -> list[Site]:
+    """The folded layers of ``model`` in node order (see the module docstring for the rules)."""
+    inc = _compile(sites_include, "sites_include")
+    exc = _compile(sites_exclude, "sites_exclude")
+    index = GraphIndex(model)
+    out_types = _output_types(model) if linear_sites else {}
+    pooled = _pooled_tensors(model, _constant_tensors(model, index))
+    sites = []
+    for site in _candidates(model, index, linear_sites, out_types):
+        names = (site.node_name, site.output)
+        chosen = _default_rule(index, site, pooled)
+        if exc is not None and any(exc.search(n) for n in names if n):
+            chosen = False
+        if inc is not None and any(inc.search(n) for n in names if n):
+            chosen = site.output not in index.outputs and not _feeds_bn(index, site)
+        if chosen:
+            sites.append(site)
+    return sites
+
+
+def _feeds_bn(index: GraphIndex, site: Site) -> bool:
+    """The site's output is already the input of a BatchNormalization (never a site)."""
+    return any(index.model.graph.node[i].op_type == _BN and slot == 0
+               for i, slot in index.consumers.get(site.output, []))
+
+
+def float_elem(elem: int) -> bool:
+    """Element types an inserted BN can take (those of onnxruntime's BN kernels)."""
+    return elem in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
