@@ -10,7 +10,7 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_CORPUS := $(VENV)/.stamp-corpus
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean
+.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean golden-porting
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
@@ -21,6 +21,7 @@ help:
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
 	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the README tables"
+	@echo "make golden-porting  remake tests/porting/golden with TF and Paddle in their own venvs (~1.5 GB)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,5 +87,13 @@ bench: $(STAMP_FW)
 	$(PY) benchmarks/bench_images.py
 	$(PY) scripts/update_readme.py
 
+# Raw TF fused batch norm and Paddle are not in the test environment: their outputs for the
+# porting tests are golden vectors, made here in one venv per framework (pinned as measured).
+golden-porting:
+	$(PYTHON) -m venv .venv-tf && .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
+	PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 .venv-tf/bin/python -m tests.porting.generate_golden tf
+	$(PYTHON) -m venv .venv-paddle && .venv-paddle/bin/pip install -q paddlepaddle==3.3.1
+	PYTHONPATH=. .venv-paddle/bin/python -m tests.porting.generate_golden paddle
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-tf .venv-paddle .pytest_cache .hypothesis .ruff_cache *.egg-info
