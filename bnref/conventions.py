@@ -297,7 +297,7 @@ def convert(
     inference output ``(x - mean) / sqrt(var + eps) * scale + bias`` equals the source's, per
     channel (float64: within 8 ulp of ``|scale| (1 + |x_hat|) + |bias|``; the arrays come back
     in their input dtypes). ``eps`` is ``target_eps`` (default ``target.eps``) as the target
-    really uses it (raw TF fused floors it at 1.001e-5); the source's eps is likewise
+    really uses it (floored at the convention's ``min_eps``, if any); the source's eps is likewise
     ``source.effective_eps(source_eps)``. The eps difference goes into ``var`` where it stays
     >= 0, else into ``scale``, per channel (``bnref.porting.absorb_eps``). ``mean`` and
     ``bias`` are unchanged, and the stored variance is otherwise carried as it is (biased or

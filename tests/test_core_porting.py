@@ -1,13 +1,14 @@
 """``bnref.conventions.convert``: inference outputs identical for every pair of conventions.
 
 The outputs are computed here from the formula, with each framework's effective eps written
-out independently (raw TF fused floors it at 1.001e-5). Tolerance, float64: ``|y_t - y_s| <=
+out independently (``FLOORED`` floors it at 1.001e-5). Tolerance, float64: ``|y_t - y_s| <=
 8 * eps64 * (|scale| (1 + |x_hat|) + |bias|)`` elementwise (8 ulp of the natural scale; the
 conversion itself is a few roundings of ``var + eps`` and one square root; the worst seen in
 20,000 random cases over every pair was 3.0 ulp, one way and round trip).
 """
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,14 +18,18 @@ from hypothesis import strategies as st
 from bnref import conventions as cv
 from bnref.porting import absorb_eps
 
-PAIRS = list(itertools.product(cv.ALL, cv.ALL))
+#: A framework that floors eps, as TF's fused batch norm wrappers did before TF 2.21 (1.001e-5,
+#: a cuDNN limit): whatever bnref records for TF, the floor logic is tested on this one.
+FLOORED = replace(cv.TF_FUSED, name="floored", min_eps=1.001e-5)
+CONVENTIONS = (*cv.ALL, FLOORED)
+PAIRS = list(itertools.product(CONVENTIONS, CONVENTIONS))
 ULP64 = np.finfo(np.float64).eps
 K = 8.0
 
 
 def effective(conv, eps):
     e = conv.eps if eps is None else eps
-    return max(e, 1.001e-5) if conv.name == "tf_fused" else e
+    return max(e, conv.min_eps)  # the floor a record states (FLOORED: 1.001e-5)
 
 
 def infer(x, p, eps):
@@ -74,7 +79,7 @@ def _has_division_by_zero(p, e_s):
 def test_inference_outputs_identical_for_every_pair(pair, pv, es, et):
     src, tgt = pair
     p, x = pv
-    r = cv.convert(p.scale, p.bias, p.mean, p.var, source=src, target=tgt.name,
+    r = cv.convert(p.scale, p.bias, p.mean, p.var, source=src, target=tgt if tgt is FLOORED else tgt.name,
                    source_eps=es, target_eps=et)
     assert r.eps == effective(tgt, et)
     assert (r.var >= 0).all()
@@ -108,7 +113,7 @@ def test_momentum_means_the_same_update(pair, momentum, seed):
                    source_momentum=momentum)
 
     def step(conv, m):  # PyTorch and TF fused weigh the batch, the others the running value
-        return (1 - m) * old + m * batch if conv.name in ("pytorch", "tf_fused") else m * old + (1 - m) * batch
+        return (1 - m) * old + m * batch if conv.name in ("pytorch", "tf_fused", "floored") else m * old + (1 - m) * batch
 
     np.testing.assert_allclose(step(tgt, r.momentum), step(src, momentum), rtol=1e-13, atol=1e-14)
 
@@ -122,12 +127,12 @@ def test_named_cases():
     np.testing.assert_allclose(r.scale, [2.0, 2.0 * np.sqrt(1.1e-3 / 1.1e-4)], rtol=1e-15)
     # ONNX 0.9 is PyTorch 0.1 exactly (torch.onnx's mapping), not 0.09999999999999998
     assert cv.convert([1.0], [0.0], [0.0], [1.0], source="onnx", target="pytorch").momentum == 0.1
-    # raw TF fused floors a requested 1e-8 at 1.001e-5 and the variance absorbs the difference
-    t = cv.convert([1.0], [0.0], [0.0], [1e-3], source="pytorch", target="tf_fused", target_eps=1e-8)
+    # a framework that floors eps: a requested 1e-8 is 1.001e-5, the variance absorbs the rest
+    t = cv.convert([1.0], [0.0], [0.0], [1e-3], source="pytorch", target=FLOORED, target_eps=1e-8)
     assert t.eps == 1.001e-5
     np.testing.assert_allclose(t.var, [1e-3 + 1e-5 - 1.001e-5], rtol=1e-15)
     # ... and as a source: a model saved with eps=1e-8 really ran with 1.001e-5
-    s = cv.convert([1.0], [0.0], [0.0], [0.0], source="tf_fused", target="pytorch", source_eps=1e-8)
+    s = cv.convert([1.0], [0.0], [0.0], [0.0], source=FLOORED, target="pytorch", source_eps=1e-8)
     np.testing.assert_allclose(s.var, [1.001e-5 - 1e-5], rtol=1e-12)
     # the same eps: nothing changes, the stored (unbiased or biased) variance carried as is
     same = cv.convert([1.5], [0.2], [0.3], [0.7], source="pytorch", target="onnx")
@@ -155,6 +160,12 @@ def test_the_comparison_can_fail():
     bad = P(r.scale * (1 + 64 * ULP64), r.bias, r.mean, r.var)
     with pytest.raises(AssertionError, match="outputs differ"):
         assert_same_outputs(x, p, 1e-5, bad, r.eps)
+
+
+def test_effective_eps_refuses_a_negative_eps():
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):  # not floored to 0
+        cv.KERAS.effective_eps(-1.0)
+    assert FLOORED.effective_eps(1e-8) == 1.001e-5 and FLOORED.effective_eps(1e-3) == 1e-3
 
 
 def test_absorb_eps_chooses_per_channel():

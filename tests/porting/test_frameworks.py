@@ -152,7 +152,7 @@ def test_golden_framework_to_pytorch(fw):
     a, meta = _golden(f"{fw}_to_pytorch")
     p = {k: a[f"src_{k}"] for k in KEYS}
     r = convert(*(p[k] for k in KEYS), source=fw, target="pytorch", source_eps=meta["source_eps"])
-    eps_used = max(meta["source_eps"], 1.001e-5) if fw == "tf_fused" else meta["source_eps"]
+    eps_used = meta["source_eps"]  # 1e-3 and 1e-5: no floor applies
     assert ratio(torch_eval(a["x"], {k: getattr(r, k) for k in KEYS}, r.eps), a["y"], p, eps_used) <= 1.0
     assert ratio(torch_eval(a["x"], p, 1e-5), a["y"], p, eps_used) > 10  # PyTorch's default eps
 
@@ -191,14 +191,15 @@ def test_golden_files_are_from_the_frameworks():
 
 
 def test_golden_tf_small_eps_is_not_floored():
-    """Known discrepancy, measured: TF 2.21's ``fused_batch_norm`` uses an eps below 1.001e-5 as
-    given (older TF floored it in Python, which ``TF_FUSED.min_eps`` models). A model saved
-    with such an eps and run by this TF ports correctly with ``min_eps=0``."""
+    """Measured: TF 2.21's ``fused_batch_norm`` uses an eps below 1.001e-5 as given (earlier
+    wrappers floored it at 1.001e-5 for cuDNN). A model saved with such an eps and run by this
+    TF ports correctly with ``min_eps=0``, not with the old floor."""
     a, meta = _golden("tf_fused_small_eps")
     p = {k: a[f"src_{k}"] for k in KEYS}
     no_floor = replace(TF_FUSED, min_eps=0.0)
     r = convert(*(p[k] for k in KEYS), source=no_floor, target="pytorch", source_eps=meta["eps"])
     assert ratio(torch_eval(a["x"], {k: getattr(r, k) for k in KEYS}, r.eps), a["y"], p, meta["eps"]) <= 1.0
-    floored = convert(*(p[k] for k in KEYS), source=TF_FUSED, target="pytorch", source_eps=meta["eps"])
+    old_floor = replace(TF_FUSED, min_eps=1.001e-5)
+    floored = convert(*(p[k] for k in KEYS), source=old_floor, target="pytorch", source_eps=meta["eps"])
     assert ratio(torch_eval(a["x"], {k: getattr(floored, k) for k in KEYS}, floored.eps), a["y"], p,
                  meta["eps"]) > 10
