@@ -10,7 +10,7 @@ STAMP_DEMO := $(VENV)/.stamp-demo
 STAMP_CORPUS := $(VENV)/.stamp-corpus
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean golden-porting
+.PHONY: help install test test-all test-slow test-corpus fuzz lint demo experiment bench clean
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
@@ -89,6 +89,7 @@ bench: $(STAMP_FW)
 
 # Raw TF fused batch norm and Paddle are not in the test environment: their outputs for the
 # porting tests are golden vectors, made here in one venv per framework (pinned as measured).
+.PHONY: golden-porting
 golden-porting:
 	$(PYTHON) -m venv .venv-tf && .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
 	PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 .venv-tf/bin/python -m tests.porting.generate_golden tf
@@ -96,4 +97,4 @@ golden-porting:
 	PYTHONPATH=. .venv-paddle/bin/python -m tests.porting.generate_golden paddle
 
 clean:
-	rm -rf $(VENV) .venv-tf .venv-paddle .pytest_cache .hypothesis .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache *.egg-info
