@@ -17,7 +17,7 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
 ``convert`` ports a layer's parameters from one convention to another with identical inference
 outputs (its arithmetic is ``bnref.porting``; the traps it handles are in docs/porting.md).
 
-Sources are in each record's ``source`` and in the README's Conventions table; every value
+Sources are in each record's ``source`` and in the conventions table of docs/conventions.md; every value
 is checked against the live framework by the conformance suite (``tests/conformance``, whose
 results are in ``docs/conformance.md``).
 """

@@ -66,10 +66,10 @@ class PreciseBN:
 
     estimator: str = "population"
     bessel: bool = False
-    _pooled: Moments | None = field(default=None, repr=False)
-    _num_batches: int = field(default=0, repr=False)
-    _batch_mean_avg: np.ndarray | None = field(default=None, repr=False)  # equal weight per batch
-    _batch_var_avg: np.ndarray | None = field(default=None, repr=False)  # unbiased, per batch
+    _pooled: Moments | None = field(default=None, init=False, repr=False)
+    _num_batches: int = field(default=0, init=False, repr=False)
+    _batch_mean_avg: np.ndarray | None = field(default=None, init=False, repr=False)  # equal weight per batch
+    _batch_var_avg: np.ndarray | None = field(default=None, init=False, repr=False)  # unbiased, per batch
 
     def __post_init__(self) -> None:
         _check_estimator(self.estimator)

@@ -15,7 +15,7 @@ The command line (``bnref-onnx``, ``python -m onnx_tools``) is a thin layer over
     ot.write_model(applied.model, "fixed.onnx", like=applied.loaded)
     ot.compare_models("model.onnx", "fixed.onnx", "val.npz", labels="val_labels.npy")
 
-Where things live (the README's "Where each concept lives" table has the full map):
+Where things live (docs/layout.md has the full map):
 :mod:`~onnx_tools.pipeline` (``recalibrate``, ``inspect_model``),
 :mod:`~onnx_tools.batchnorms` (finding BN) and :mod:`~onnx_tools.graph` (where tensors are
 stored), :mod:`~onnx_tools.analysis` (a model's BNs and fingerprint, worked out once),

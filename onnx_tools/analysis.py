@@ -37,7 +37,7 @@ class ModelAnalysis:
         """The model itself (all tensor data in memory)."""
         return self.loaded.model
 
-    _fingerprints: dict[frozenset[str], str] = field(default_factory=dict, repr=False)
+    _fingerprints: dict[frozenset[str], str] = field(default_factory=dict, init=False, repr=False)
 
     def statistics_storage(self, keys: Iterable[str]) -> frozenset[str]:
         """Tensors holding the running mean/var of the BNs ``keys`` that nothing else reads."""

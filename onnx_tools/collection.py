@@ -284,6 +284,9 @@ def collect(
     aggs = {bn.key: bnref.PreciseBN(estimator, bessel) for bn in cm.bns}
     _run_all(session, cm, batches, aggs, source.count_batches(plan), progress)
     _report_summary(source.summary)
-    return _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns),
-                      estimator, bessel, shard, _run_record(plan, include, exclude, source.summary),
-                      used)
+    stats = _collected(cm, aggs, source.summary, analysis.fingerprint(bn.key for bn in cm.bns),
+                       estimator, bessel, shard, _run_record(plan, include, exclude, source.summary),
+                       used)
+    if stats.num_shards > 1:  # what merge checks: every shard read the same data
+        stats.data_source = source.identity()
+    return stats

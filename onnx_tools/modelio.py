@@ -78,7 +78,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto | LoadedModel) -> Load
     if external:
         try:
             external_data_helper.load_external_data_for_model(proto, base_dir)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            # onnx refuses a data file outside the model's folder, or one with hard links
             raise ModelError(f"cannot read the external data of {path}: {exc}") from exc
     return LoadedModel(proto, path, base_dir, external, locations)
 

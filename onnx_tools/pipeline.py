@@ -18,9 +18,10 @@ from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
 from onnx_tools.apply import ApplyResult, apply_stats
 from onnx_tools.batchnorms import EXPORT_ADVICE, BatchNormInfo, batchnorms_in_subgraphs
 from onnx_tools.collection import collect
-from onnx_tools.errors import OutputError
+from onnx_tools.errors import OptionError, OutputError
 from onnx_tools.options import check_keywords, check_prior_strength
-from onnx_tools.outputs import OutputPath, check_distinct, check_output, write_model
+from onnx_tools.outputs import OutputPath, check_model_output, write_model
+from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
 from onnx_tools.stats import CollectedStats
 
@@ -93,23 +94,26 @@ def recalibrate(
     ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
     ``estimator="population"``, ``provider="auto"``, ...). With ``output`` (or ``in_place``
     for a model path) the new model is written atomically and checked; otherwise it is only
-    returned. The input model is never modified unless ``in_place``.
+    returned. The input model is never modified unless ``in_place`` (which takes no
+    ``output``); an output that is a file the run reads is refused (:mod:`onnx_tools.reads`).
     """
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
+    if in_place and output is not None:
+        raise OptionError("give output or in_place, not both: in_place=True overwrites the "
+                          "input model itself")
     analysis = analyze_model(model)
     check_prior_strength(prior_strength)  # fail before collecting, not after
+    # Every output is checked against everything the run reads (onnx_tools.reads).
+    reads = RunReads.of(model=analysis, data=data)
     target = None
     if in_place:
         if analysis.loaded.path is None:
             raise OutputError("in_place needs a model path")
-        target = check_output(analysis.loaded.path, in_place=True)
-        check_distinct({"output": target.path}, {"data": data})
+        target = check_model_output(analysis.loaded.path, reads, in_place=True)
     elif isinstance(output, OutputPath):
         target = output  # checked by the caller
     elif output is not None:
-        target = check_output(output, input_path=analysis.loaded.path)
-        check_distinct({"output": target.path},
-                       {"data": data, "input model": analysis.loaded.path})
+        target = check_model_output(output, reads)
     stats = collect(analysis, data, **collect_options)
     applied = apply_stats(analysis, stats, prior_strength=prior_strength)
     if target is not None:

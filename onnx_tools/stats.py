@@ -28,9 +28,13 @@ from onnx_tools.errors import StatsError
 from onnx_tools.outputs import OutputPath, atomic_write_bytes
 
 FORMAT = "bnref-onnx-stats"
-#: 2: the model fingerprint covers weights, constants and input shapes
-#: (:mod:`onnx_tools.fingerprint`); version 1 files hashed the graph structure only.
-FORMAT_VERSION = 2
+#: 3: a shard records the identity of the whole data source (``data_source``,
+#: :mod:`onnx_tools.data.identity`), which ``merge`` compares; version 2 files are read (their
+#: shards merge with a note that their data could not be compared). 2: the model fingerprint
+#: covers weights, constants and input shapes; version 1 files (structure only) are refused.
+FORMAT_VERSION = 3
+#: The oldest version read.
+OLDEST_READ = 2
 
 
 @dataclass
@@ -49,6 +53,8 @@ class CollectedStats:
 
     ``shards`` lists the shard indices (out of ``num_shards``) this object covers; a complete
     run covers all of them. ``num_samples`` counts input samples (not values per channel).
+    ``data_fingerprint`` covers the batches this object was collected on; ``data_source``
+    (shards only) identifies the whole data all shards read (:mod:`onnx_tools.data.identity`).
     """
 
     bns: dict[str, BNStats]
@@ -65,6 +71,7 @@ class CollectedStats:
     run: dict[str, Any] = field(default_factory=dict)
     provider: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    data_source: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:
@@ -96,6 +103,7 @@ class CollectedStats:
             "run": self.run,
             "provider": self.provider,
             "notes": self.notes,
+            "data_source": self.data_source,
             "bns": [
                 {"key": b.key, "node": b.node_name, "channels": b.channels}
                 for b in self.bns.values()
@@ -133,7 +141,7 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
         meta = json.loads(str(arrays["meta"][()]))
         if meta.get("format") != FORMAT:
             raise StatsError(f"{path} is not a bnref-onnx STATS file")
-        if int(meta.get("format_version", 0)) < FORMAT_VERSION:
+        if int(meta.get("format_version", 0)) < OLDEST_READ:
             raise StatsError(
                 f"{path} has STATS format {meta.get('format_version')}, written by an older "
                 "bnref-onnx whose model fingerprint did not cover the weights; collect the "
@@ -171,6 +179,7 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
             run=dict(meta.get("run", {})),
             provider=meta.get("provider", "cpu"),
             notes=list(meta.get("notes", [])),
+            data_source=_data_source(meta.get("data_source")),
         )
     except StatsError:
         raise
@@ -178,11 +187,61 @@ def load_stats(path: str | os.PathLike) -> CollectedStats:
         raise StatsError(f"{path} is not a valid STATS file: {exc}") from exc
 
 
+def _data_source(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not {"kind", "samples", "digest"} <= set(value):
+        raise ValueError(f"data_source is {value!r}")
+    return {"kind": str(value["kind"]), "samples": value["samples"], "digest": str(value["digest"])}
+
+
+def _describe_source(source: dict[str, Any]) -> str:
+    return f"{source['kind']}, {source['samples']} samples, identity {source['digest'][:12]}"
+
+
+def _same_data(parts: list[CollectedStats]) -> str | None:
+    """Refuse parts collected on different data; a note when that cannot be checked."""
+    known = [p.data_source for p in parts if p.data_source is not None]
+    for other in known[1:]:
+        if other != known[0]:
+            raise StatsError(
+                f"STATS files were collected on different data ({_describe_source(known[0])} "
+                f"vs {_describe_source(other)}); merge only the shards of one run"
+            )
+    if len(parts) > 1 and len(known) < len(parts):
+        return ("the shards' data could not be checked to be the same data (a STATS file "
+                "without its data's identity: written before STATS format 3, or unsharded)")
+    return None
+
+
+def _check_stream(merged: CollectedStats) -> None:
+    """A complete set of a stream's shards makes up the stream's own fingerprint."""
+    source = merged.data_source
+    if merged.complete and source is not None and source["kind"] == "stream" and (
+            merged.data_fingerprint != source["digest"]):
+        raise StatsError(
+            "the shards' batches do not make up the stream they were read from (their data "
+            "fingerprints do not combine to the stream's): a reader that yields other data "
+            "each time it is read cannot be sharded"
+        )
+
+
+def merge_state(merged: CollectedStats, parts: int) -> str:
+    """``complete``, ``complete, ...not checked...`` or ``shards ... incomplete`` (for messages)."""
+    if not merged.complete:
+        return f"shards {merged.shards} of {merged.num_shards}: incomplete, apply refuses it"
+    if parts > 1 and merged.data_source is None:
+        return "complete by shard count; the shards' data could not be checked to be the same"
+    return "complete"
+
+
 def merge_stats(parts: list[CollectedStats]) -> CollectedStats:
     """Merge shards of one collection run; any order gives the same numbers.
 
     Refuses parts from another model, another run definition (batch size, shard count,
-    shuffle/seed, sample limit, BN selection, estimator) or overlapping shards.
+    shuffle/seed, sample limit, BN selection, estimator), other data (their ``data_source``,
+    :mod:`onnx_tools.data.identity`; parts without one merge with a note) or overlapping
+    shards. :func:`merge_state` says whether the result is complete.
     """
     if not parts:
         raise StatsError("merge needs at least one STATS file")
@@ -211,6 +270,7 @@ def merge_stats(parts: list[CollectedStats]) -> CollectedStats:
                 "merged once"
             )
         seen |= set(part.shards)
+    unchecked = _same_data(parts)
     # Order-independent: sort parts by shard before merging; PreciseBN.merge is symmetric.
     ordered = sorted(parts, key=lambda p: min(p.shards))
     bns: dict[str, BNStats] = {}
@@ -221,7 +281,7 @@ def merge_stats(parts: list[CollectedStats]) -> CollectedStats:
         bns[key] = BNStats(key, b.node_name, b.channels, acc)
     from onnx_tools.data import combine_fingerprints
 
-    return CollectedStats(
+    merged = CollectedStats(
         bns=bns,
         estimator=first.estimator,
         bessel=first.bessel,
@@ -235,5 +295,9 @@ def merge_stats(parts: list[CollectedStats]) -> CollectedStats:
         shards=sorted(seen),
         run=dict(first.run),
         provider=first.provider,
-        notes=list(dict.fromkeys(n for p in parts for n in p.notes)),
+        notes=list(dict.fromkeys([*(n for p in parts for n in p.notes),
+                                  *([unchecked] if unchecked else [])])),
+        data_source=None if unchecked else first.data_source,
     )
+    _check_stream(merged)
+    return merged

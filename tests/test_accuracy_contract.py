@@ -1,4 +1,4 @@
-"""The accuracy contract of the fast (blocked, threaded) kernels (README: Numerical contract).
+"""The accuracy contract of the fast (blocked, threaded) kernels (docs/guarantees.md: Numerical contract).
 
 References are computed here, independently of bnref: per channel in extended precision
 (np.longdouble where it is the 80-bit x87 format, else exactly rounded sums with math.fsum),
@@ -123,7 +123,7 @@ def check(name, got, want, scale, factor):
     assert np.all(err <= bound), f"{name}: worst error {worst:.3g} x the bound {factor:.3g} * scale"
 
 
-CONTRACT32 = 4 * EPS32  # the README's numerical contract for float32 input
+CONTRACT32 = 4 * EPS32  # the numerical contract (docs/guarantees.md) for float32 input
 SECOND_ORDER = 1 + 2.0**-18  # slack for the O(eps32**2) terms the proofs drop
 #: Bounds proved in bnref/_kernels/forward.py and backward.py for float32 input, in units of eps32:
 #: y is the float64 answer rounded once (0.5 + 2**-10 for the fused x*a + b' form), or, with

@@ -1,4 +1,4 @@
-"""The layout contract (README "Where each concept lives"), checked on the source itself.
+"""The layout contract (docs/layout.md, "Where each concept lives"), checked on the source itself.
 
 * ``bnref`` imports neither onnx nor onnx_tools nor demo; ``onnx_tools`` builds on ``bnref``.
 * No import cycle among the project's modules (module-level and function-level imports alike;

@@ -21,7 +21,7 @@ Bounds, with natural scales (forward.py, backward.py; tests/test_accuracy_contra
 them against an extended-precision reference, |mean| / std up to ~1e9): statistics within
 1e-12 relative (M2; mean relative to |mean| + std); float32 y the float64 answer rounded once
 (<= 0.5 eps32; opt-in float32 path <= 2 eps32), training dx <= 2.5 eps32, inference dx,
-dscale, dbias <= 1 eps32: all within the README's numerical contract for float32 input,
+dscale, dbias <= 1 eps32: all within the numerical contract (docs/guarantees.md) for float32 input,
 4 eps32. float16: the float64 result rounded once. float64: a few eps64. NaN anywhere in a
 channel propagates to that channel's statistics and outputs.
 """

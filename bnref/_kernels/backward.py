@@ -30,7 +30,7 @@ Inference dx, float32: ``fl32(k32 * dy)``, ``<= eps32 * |k| |dy|``.
 Bounds (tests/test_accuracy_contract.py checks them against an extended-precision reference):
 float32 input: training dx <= 2.5 eps32 S_dx, inference dx <= 1 eps32 (observed on adversarial
 data: training dx 1.01 eps32); dscale, dbias: float64 sums rounded once, <= 1 eps32 (observed
-<= 0.5); all within the README's numerical contract (4 eps32). float16 input: the float64
+<= 0.5); all within the numerical contract (docs/guarantees.md) (4 eps32). float16 input: the float64
 result rounded once. float64 input: dx ``<= 8 * eps64 * scale`` (observed <= 3.7 eps64);
 dscale and dbias within ``2 * log2(n) * eps64 * sum|dy * x_hat|`` (resp. ``sum|dy|``).
 """

@@ -31,7 +31,7 @@ u|scale|(|x_hat| + rho) (2u instead of u when t is inexact, where rho <= 2u|x_ha
 fl32(b) u(|bias| + |scale| rho), the slope rounding u|scale||x_hat|, the final addition
 u(|scale||x_hat| + |bias|). With the guard **rho <= 1** (else the channel takes the float64
 path): ``|y - y64| <= 3u S`` when t is exact and ``<= 4u S`` otherwise, so
-``|y - y64| <= 2 * eps32 * S`` (+ O(u**2)), within the README's numerical contract (4 eps32).
+``|y - y64| <= 2 * eps32 * S`` (+ O(u**2)), within the numerical contract (docs/guarantees.md) (4 eps32).
 
 So y: float32 input <= 0.5 eps32 S + O(eps64) (<= 2 eps32 S on the float32 path; observed on
 adversarial data 0.46 eps32, or 0.97 on the float32 path); float16 input: the float64 result

@@ -1,7 +1,9 @@
 """The ``bnref-onnx`` subcommands: each turns its arguments into one API call and prints.
 
-Every output is checked once, before any work (:func:`_check_outputs`), and the checked
-:class:`~onnx_tools.outputs.OutputPath` is what the API writes to.
+Every output is checked once, before any work (:func:`_check_outputs`, against the
+:class:`~onnx_tools.reads.RunReads` account of everything the command reads), and the checked
+:class:`~onnx_tools.outputs.OutputPath` is what the API writes to. A new subcommand that
+writes builds its account with ``RunReads.of(...)`` and checks its outputs the same way.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from onnx_tools.errors import OutputError
 from onnx_tools.outputs import (
     OutputPath,
     atomic_write_bytes,
-    check_distinct,
+    check_model_output,
     check_output,
+    check_outputs,
     write_model,
 )
 from onnx_tools.pipeline import ModelDescription, describe_model, recalibrate
+from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
-from onnx_tools.stats import load_stats, merge_stats, save_stats
+from onnx_tools.stats import load_stats, merge_state, merge_stats, save_stats
 
 
 def _image_options(args: argparse.Namespace):
@@ -117,26 +121,27 @@ class _Targets:
     report: OutputPath | None
 
 
+#: The subcommands whose OUT is a model (the others write a STATS file).
+MODEL_WRITERS = ("recalibrate", "apply")
+
+
 def _check_outputs(args: argparse.Namespace) -> _Targets:
     """Fail before any work (so nothing is half-done) when an output cannot be written.
 
-    Each output must be writable, and no output may be an input or another output.
+    Every output is checked against the one account of what the run reads
+    (:class:`~onnx_tools.reads.RunReads`: the model and its external data, the data, STATS
+    files) and against the other outputs.
     """
+    reads = RunReads.of(model=getattr(args, "model", None), data=getattr(args, "data", None),
+                        stats=getattr(args, "stats", None))
     in_place = getattr(args, "in_place", False)
-    if in_place:
-        output = check_output(args.model, in_place=True)
+    if args.command in MODEL_WRITERS:
+        output = check_model_output(args.model if in_place else args.output, reads,
+                                    in_place=in_place)
     else:
-        output = check_output(args.output, input_path=getattr(args, "model", None))
-    report = check_output(args.report, what="report") if getattr(args, "report", None) else None
-    inputs: dict[str, object] = {"data": getattr(args, "data", None)}
-    if not in_place:
-        inputs["input model"] = getattr(args, "model", None)
-    if isinstance(getattr(args, "stats", None), str):
-        inputs["STATS"] = args.stats
-    for i, path in enumerate(args.stats if isinstance(getattr(args, "stats", None), list) else []):
-        inputs[f"input STATS #{i + 1}"] = path
-    check_distinct({"output": output.path, "report": report.path if report else None}, inputs)
-    return _Targets(output, report)
+        output = check_output(args.output, reads=reads)
+    checked = check_outputs({"output": output, "report": getattr(args, "report", None)}, reads)
+    return _Targets(checked["output"], checked["report"])
 
 
 def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) -> None:
@@ -173,8 +178,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     merged = merge_stats([load_stats(p) for p in args.stats])
     save_stats(merged, targets.output)
     if not args.quiet:
-        state = "complete" if merged.complete else (
-            f"shards {merged.shards} of {merged.num_shards}: incomplete")
+        state = merge_state(merged, len(args.stats))
         _print(f"merged {len(args.stats)} file(s): {merged.num_samples} samples, "
                f"{merged.num_batches} batches ({state}) -> {args.output}")
     return 0

@@ -18,9 +18,11 @@ from __future__ import annotations
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from onnx_tools.data.identity import array_identity
 from onnx_tools.data.source import IndexedSource
 from onnx_tools.data.spec import Feed, InputSpec, cast_rule, check_sample_shape
 from onnx_tools.errors import DataError
@@ -64,6 +66,10 @@ class ArraySource(IndexedSource):
 
     def _length(self) -> int:
         return self._n
+
+    def identity(self) -> dict[str, Any]:
+        """SHA-256 of the arrays as stored (:func:`~onnx_tools.data.identity.array_identity`)."""
+        return array_identity(self._arrays)
 
     def _load(self, indices: np.ndarray | slice) -> Feed:
         feed = {}

@@ -38,9 +38,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from onnx_tools.data.identity import image_identity
 from onnx_tools.data.listing import list_images
 from onnx_tools.data.pixels import BadImage, ImageFacts, PixelTable, load_image, probe_image
 from onnx_tools.data.plan import BatchPlan
@@ -162,8 +164,15 @@ class ImageFolderSource(IndexedSource):
         hidden = listing.hidden_note()
         if hidden:
             self._open_notes.append(hidden)
+        self.folder = folder
         self.files = self._check_files(folder, listing.files, options.skip_bad_images)
         self._restart_summary()
+
+    def identity(self) -> dict[str, Any]:
+        """Paths, sizes and conversion (:func:`~onnx_tools.data.identity.image_identity`)."""
+        return image_identity(self.folder, self.files, [
+            self.size, self.resize, self.mode, self.scale, self.mean, self.std, self.layout,
+            self.exif_transpose, self.jpeg_draft, self.spec.dtype.str])
 
     def _check_files(self, folder: Path, files: list[Path], skip: bool) -> list[Path]:
         """Probe every file (fail fast, or skip the bad ones); note what the others hold."""

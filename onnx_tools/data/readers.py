@@ -13,6 +13,7 @@ it for the next iteration, so a one-shot reader loses nothing; a kept final batc
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import itertools
@@ -26,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from onnx_tools.data.fingerprint import batch_digest, format_fingerprint
+from onnx_tools.data.identity import stream_identity
 from onnx_tools.data.plan import BatchPlan, partial_batch_error
 from onnx_tools.data.source import DataSource
 from onnx_tools.data.spec import Feed, InputSpec, cast_rule, check_sample_shape
@@ -63,6 +66,8 @@ class ReaderSource(DataSource):
         self._rewind = rewind
         self._started = False
         self._peeked: Iterator[Any] | None = None  # a stream whose first feed check() read
+        self._stream_acc, self._stream_rows = 0, 0  # every batch of the stream, for identity()
+        self._identity: dict[str, Any] | None = None
 
     @property
     def num_samples(self) -> None:
@@ -149,6 +154,7 @@ class ReaderSource(DataSource):
     def _generate(self, plan: BatchPlan) -> Iterator[tuple[int, Feed]]:
         self._refuse_shuffle(plan)
         stream = self._open()
+        self._stream_acc, self._stream_rows, self._identity = 0, 0, None
         budget = plan.num_samples
         pending: list[Feed] = []
         pending_rows = 0
@@ -175,6 +181,7 @@ class ReaderSource(DataSource):
             pending_rows += rows
             while pending_rows >= plan.batch_size:
                 batch, pending, pending_rows = take_rows(pending, pending_rows, plan.batch_size)
+                self._stream_batch(index, batch)
                 if plan.owns(index):
                     yield index, batch
                 index += 1
@@ -182,13 +189,26 @@ class ReaderSource(DataSource):
                 # what is left is (part of) this feed, kept across next(): copy it, since
                 # readers may refill the same buffer for every item
                 pending[-1] = {k: v.copy() for k, v in pending[-1].items()}
+        last = take_rows(pending, pending_rows, pending_rows)[0] if pending_rows else None
+        if last is not None and plan.keep_partial:
+            self._stream_batch(index, last)
+        self._identity = stream_identity(format_fingerprint(self._stream_acc), self._stream_rows)
         if pending_rows and plan.owns(index):
             if plan.keep_partial and pending_rows < plan.min_batch_size:
                 raise partial_batch_error(plan, pending_rows, "the reader's stream ended there")
             if plan.keep_partial:
-                yield index, take_rows(pending, pending_rows, pending_rows)[0]
+                yield index, last
             else:
                 self._summary.dropped = pending_rows
+
+    def _stream_batch(self, index: int, batch: Feed) -> None:
+        """Add a batch of the whole stream (owned by this shard or not) to its identity."""
+        self._stream_acc ^= batch_digest(index, batch)
+        self._stream_rows += len(next(iter(batch.values())))
+
+    def identity(self) -> dict[str, Any] | None:
+        """The fingerprint of the whole stream, once read to the end (see the data docs)."""
+        return self._identity
 
 
 def _thread_hint() -> str:
@@ -263,16 +283,22 @@ def _import_file(target: str) -> Any:
     return module
 
 
-def _import_module(target: str) -> Any:
-    # `bnref-onnx` runs as a console script, whose sys.path lacks the working folder
+@contextlib.contextmanager
+def working_folder_on_path() -> Iterator[None]:
+    """The working folder on ``sys.path`` (a console script's lacks it), to find a reader."""
     added = os.getcwd() not in sys.path
     if added:
         sys.path.insert(0, os.getcwd())
     try:
-        return importlib.import_module(target)
+        yield
     finally:
         if added:
             sys.path.remove(os.getcwd())
+
+
+def _import_module(target: str) -> Any:
+    with working_folder_on_path():
+        return importlib.import_module(target)
 
 
 def _stream(obj: Any, description: str) -> Iterator[Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,13 @@ class DataSource(abc.ABC):
     @abc.abstractmethod
     def num_samples(self) -> int | None:
         """Samples available in the data, or ``None`` when unknown before reading (readers)."""
+
+    def identity(self) -> dict[str, Any] | None:
+        """The whole source's identity (:mod:`onnx_tools.data.identity`); None if unknown.
+
+        A stream knows it once it has been read to the end.
+        """
+        return None
 
     @property
     def summary(self) -> DataSummary:
