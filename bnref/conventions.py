@@ -321,4 +321,4 @@ def convert(
     scale, bias, mean, var = check_parameters(scale, bias, mean, var)
     e_s, e_t = src.effective_eps(source_eps), tgt.effective_eps(target_eps)
     scale_t, var_t = absorb_eps(scale, var, e_s, e_t)
-    return Converted(scale_t, bias.copy(), mean.copy(), var_t, e_t, momentum)
+    return Converted(scale_t, bias, mean, var_t, e_t, momentum)

@@ -50,13 +50,15 @@ def _vector(v: object, name: str, channels: int | None) -> np.ndarray:
 
 
 def check_parameters(scale, bias, mean, var) -> tuple[np.ndarray, ...]:
-    """The four per-channel vectors as arrays of one length C, or a one-line error naming the bad one.
+    """The four per-channel vectors as new arrays of one length C, or a one-line error naming the bad one.
 
-    ``var`` must be >= 0 (NaN passes through, as in every framework's inference).
+    Floating arrays keep their dtype, integer ones become float64. ``var`` must be >= 0 (NaN
+    passes through, as in every framework's inference).
     """
     scale = _vector(scale, "scale", None)
     c = scale.shape[0]
     bias, mean, var = (_vector(v, n, c) for v, n in ((bias, "bias"), (mean, "mean"), (var, "var")))
+    scale, bias, mean, var = (np.array(a, dtype=_out_dtype(a)) for a in (scale, bias, mean, var))
     neg = np.flatnonzero(var < 0)
     if neg.size:
         raise ValueError(f"var must be >= 0, got {float(var[neg[0]])!r} at channel {int(neg[0])}")

@@ -134,6 +134,12 @@ def test_named_cases():
     # ... and as a source: a model saved with eps=1e-8 really ran with 1.001e-5
     s = cv.convert([1.0], [0.0], [0.0], [0.0], source=FLOORED, target="pytorch", source_eps=1e-8)
     np.testing.assert_allclose(s.var, [1.001e-5 - 1e-5], rtol=1e-12)
+    # back to PyTorch: same outputs, but the channel that went into the scale keeps it and comes
+    # back with var + (1e-3 - 1e-5)
+    b = cv.convert(*r[:4], source="keras", target="pytorch", source_momentum=r.momentum)
+    np.testing.assert_allclose(b.var, [0.5, 1e-4 + 1e-3 - 1e-5], rtol=1e-14)
+    np.testing.assert_allclose(b.scale, r.scale, rtol=0)
+    assert b.momentum == 0.1 and b.eps == 1e-5
     # the same eps: nothing changes, the stored (unbiased or biased) variance carried as is
     same = cv.convert([1.5], [0.2], [0.3], [0.7], source="pytorch", target="onnx")
     assert same[:4] == ([1.5], [0.2], [0.3], [0.7]) and same.eps == 1e-5
@@ -146,7 +152,10 @@ def test_dtypes_and_inputs_are_kept():
     assert {a.dtype for a in r[:4]} == {np.dtype(np.float32)}
     assert var.tolist() == [np.float32(1e-6), 1.0]  # the caller's array is untouched
     ints = cv.convert([1, 2], [0, 0], [0, 0], [1, 1], source="keras", target="pytorch")
-    assert ints.var.dtype == np.float64
+    assert {a.dtype for a in ints[:4]} == {np.dtype(np.float64)}
+    mean = np.zeros(2)
+    cv.convert(np.ones(2), np.zeros(2), mean, np.ones(2), source="keras", target="pytorch").mean[0] = 5
+    assert mean[0] == 0  # a new array, not the caller's
 
 
 def test_the_comparison_can_fail():
