@@ -111,6 +111,7 @@ bench: $(STAMP_FW)
 	$(PY) benchmarks/bench_process.py
 	$(PY) benchmarks/bench_graph.py --models resnet_like resnet18 mobilenet_v3_small
 	$(PY) benchmarks/bench_images.py
+	$(PY) benchmarks/bench_unfold.py --passes
 	$(PY) scripts/update_readme.py
 
 # The site's home page is README.md; pages are docs/*.md; scripts/mkdocs_hooks.py and
