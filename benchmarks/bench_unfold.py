@@ -40,6 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 import onnx_tools as ot  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_images import _cpu_model  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "unfold.json"
 MODELS = ("resnet18", "mobilenet_v3_small")
 
@@ -131,16 +134,6 @@ def run(images: int, side: int, batch: int, rounds: int, passes: bool = False) -
             "images": images, "side": side, "batch_size": batch, "rounds": rounds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": results}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(data: dict) -> str:

@@ -33,6 +33,7 @@ import onnx
 
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
+from onnx_tools.apply import set_metadata
 from onnx_tools.batchnorms import find_batchnorms
 from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
@@ -172,16 +173,6 @@ def _provenance(result: UnfoldResult, estimator: str) -> dict[str, str]:
     }
 
 
-def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-
-
 def unfold_model(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -231,7 +222,7 @@ def unfold_model(
         result = UnfoldResult(work, inserted, statistics, passes, bn_eps, stats.data_fingerprint,
                               stats.num_samples, analysis.loaded, list(stats.notes))
         estimator = stats.estimator
-    _set_metadata(work, _provenance(result, estimator))
+    set_metadata(work, _provenance(result, estimator))
     return result
 
 
@@ -256,9 +247,10 @@ def unfold(
 ) -> UnfoldResult:
     """Unfold ``model`` with source ``data`` and write it to ``output`` (or ``in_place``).
 
-    ``options``: ``bn_eps`` (eps' of the inserted BNs, default :data:`DEFAULT_BN_EPS`),
-    ``sites_include``/``sites_exclude`` (regular expressions on node or output names),
-    ``linear_sites`` (Gemm/MatMul too), and :func:`~onnx_tools.collection.collect`'s options
+    ``bn_eps``: eps' of the inserted BNs (default :data:`DEFAULT_BN_EPS`);
+    ``sites_include``/``sites_exclude``: regular expressions on node or output names that add
+    or remove sites; ``linear_sites``: Gemm/MatMul too; ``waves``/``cache_dir``: see
+    :func:`unfold_model`; ``collect_options``: :func:`~onnx_tools.collection.collect`'s options
     but ``shard``/``include``/``exclude``. The unfolded model equals the input at inference;
     everything it adds is listed in :class:`UnfoldResult` and ``metadata_props``. Outputs
     are checked before any work; the input model is never modified unless ``in_place``.
