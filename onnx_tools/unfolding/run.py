@@ -108,8 +108,9 @@ def _replayable(data: Any) -> None:
     if isinstance(data, str | os.PathLike | np.ndarray | Mapping | list | tuple | DataSource):
         return
     raise OptionError(
-        f"unfold reads the source data once per depth level; a {type(data).__name__} can be "
-        "read only once: pass a path, an array, a mapping of arrays or a list of feed dicts"
+        f"unfold with waves=False reads the source data once per depth level; a "
+        f"{type(data).__name__} can be read only once: pass a path, an array, a mapping of "
+        "arrays or a list of feed dicts, or use the default waves=True"
     )
 
 
@@ -199,7 +200,8 @@ def unfold_model(
             raise OptionError(f"unfold does not take {name}: every pass reads all of the "
                               "source data with every BatchNormalization in training mode")
     bn_eps = check_bn_eps(bn_eps)
-    _replayable(data)
+    if not waves:
+        _replayable(data)  # the waves read the source once; D passes read it D times
     analysis = analyze_model(model)
     sites = find_sites(analysis.model, sites_include=sites_include, sites_exclude=sites_exclude,
                        linear_sites=linear_sites)
