@@ -167,7 +167,7 @@ def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) ->
 
 def _unfold_kwargs(args: argparse.Namespace) -> dict:
     given = {"sites_include": args.sites_include, "sites_exclude": args.sites_exclude,
-             "bn_eps": args.bn_eps}
+             "bn_eps": args.bn_eps, "cache_dir": args.cache_dir}
     return {**{k: v for k, v in given.items() if v is not None},
             "linear_sites": args.linear_sites}
 

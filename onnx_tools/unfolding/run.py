@@ -39,7 +39,7 @@ from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
 from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_keywords, checked
+from onnx_tools.options import arg, check_keywords, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
@@ -96,10 +96,10 @@ class UnfoldResult:
 def check_bn_eps(bn_eps: Any) -> float:
     """``bn_eps`` as a float if it is a finite number > 0."""
     if isinstance(bn_eps, bool) or not isinstance(bn_eps, int | float | np.floating):
-        raise OptionError(f"bn_eps must be a number > 0, got {bn_eps!r}")
+        raise OptionError(f"{arg('bn_eps')} must be a number > 0, got {bn_eps!r}")
     value = float(bn_eps)
     if not np.isfinite(value) or value <= 0:
-        raise OptionError(f"bn_eps must be a finite number > 0, got {bn_eps!r}")
+        raise OptionError(f"{arg('bn_eps')} must be a finite number > 0, got {bn_eps!r}")
     return value
 
 
@@ -197,8 +197,8 @@ def unfold_model(
     """
     for name in _REFUSED:
         if name in collect_options:
-            raise OptionError(f"unfold does not take {name}: every pass reads all of the "
-                              "source data with every BatchNormalization in training mode")
+            raise OptionError(f"unfold does not take {arg(name)}: it reads all of the source "
+                              "data with every BatchNormalization in training mode")
     bn_eps = check_bn_eps(bn_eps)
     if not waves:
         _replayable(data)  # the waves read the source once; D passes read it D times
@@ -207,8 +207,8 @@ def unfold_model(
                        linear_sites=linear_sites)
     if not sites:
         raise ModelError("found no folded layer to unfold (no Conv/ConvTranspose outside the "
-                         "rules of `bnref-onnx inspect`; Gemm/MatMul need linear_sites, "
-                         "--linear-sites; name them with sites_include, --sites-include)")
+                         f"rules of `bnref-onnx inspect`; Gemm/MatMul need {arg('linear_sites')}; "
+                         f"name layers with {arg('sites_include')})")
     work, inserted = insert_batchnorms(analysis.model, sites, bn_eps)
     if waves:
         run = run_waves(work, analysis.loaded, inserted, data, bn_eps, collect_options,

@@ -41,7 +41,7 @@ from onnx import TensorProto
 
 from onnx_tools.errors import OptionError
 from onnx_tools.graph import GraphIndex, attribute, constant_value, tensor_type_and_dims
-from onnx_tools.options import checked
+from onnx_tools.options import arg, checked
 
 #: Convolutions (always candidates) and fully connected layers (with ``linear_sites``).
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -202,7 +202,7 @@ def _compile(pattern: str | None, what: str) -> re.Pattern[str] | None:
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise OptionError(f"invalid {what} regular expression {pattern!r}: {err}") from err
+        raise OptionError(f"invalid {arg(what)} regular expression {pattern!r}: {err}") from err
 
 
 def _candidates(model: onnx.ModelProto, index: GraphIndex, linear_sites: bool,
