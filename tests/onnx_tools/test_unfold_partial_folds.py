@@ -1,0 +1,116 @@
+"""Sites of partial folds: which Mul/Add/Sub/Div after a layer are its BN's affine.
+
+A chain continues through an element-wise node only when its constant is per channel. The
+expectation is computed by behaviour, not by the rule's own shape test: broadcast the
+constant (random, distinct values) against an (N, C, H, W) tensor and check that it is
+constant over N, H and W within every channel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import onnx_tools as ot
+from tests.onnx_tools.helpers import make_model
+
+C, FULL = 4, (2, 4, 3, 3)  # the conv output below: (N=2, C=4, 3, 3)
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 15]>
+g (float[2,3,3,3] x) => (float[2,4,3,3] y) {{
+  c = Conv<pads=[1,1,1,1]>(x, w)
+  {body}
+}}
+"""
+
+
+def _model(body: str, **consts: np.ndarray) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    init = {"w": rng.normal(size=(C, 3, 3, 3)).astype(np.float32),
+            "g": np.ones(C, np.float32), "b": np.zeros(C, np.float32),
+            "mu": np.zeros(C, np.float32), "v": np.ones(C, np.float32)}
+    init |= {k: v if v.dtype.kind == "i" else np.asarray(v, np.float32) for k, v in consts.items()}
+    model = make_model(CHAIN, init, body=body)
+    used = {n for node in model.graph.node for n in node.input}
+    keep = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _is_per_channel(value: np.ndarray) -> bool:
+    """By behaviour: broadcast against (N, C, H, W), constant within each channel."""
+    full = np.broadcast_to(value, FULL)
+    return bool(np.all(full.std(axis=(0, 2, 3)) == 0))
+
+
+def _broadcasts(shape: tuple) -> bool:
+    try:
+        return np.broadcast_shapes(shape, FULL) == FULL
+    except ValueError:
+        return False
+
+
+_SHAPES = st.lists(st.sampled_from([1, 2, 3, C]), max_size=4).map(tuple).filter(_broadcasts)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=_SHAPES, op=st.sampled_from(["Mul", "Add", "Sub", "Div"]), first=st.booleans())
+def test_a_chain_continues_exactly_through_per_channel_constants(shape, op, first):
+    value = np.arange(1, 1 + int(np.prod(shape))).reshape(shape) * 0.5 + 1
+    args = "c, k" if first else "k, c"
+    model = _model(f"m = {op}({args})\n  y = Relu(m)", k=value)
+    site, = ot.find_sites(model)
+    chained = _is_per_channel(value) and (first or op != "Div")  # k / z is not affine in z
+    assert site.through == (("m",) if chained else ())
+    assert site.output == "c" and site.end == ("m" if chained else "c")
+
+
+def test_the_chain_stops_where_the_tensor_has_other_readers():
+    k = np.full((1, C, 1, 1), 2.0)
+    site, = ot.find_sites(_model("m = Mul(c, k)\n  a = Add(m, k)\n  s = Sigmoid(m)\n  d = Add(a, s)\n  y = Relu(d)", k=k))
+    assert site.through == ("m",) and site.end == "m"  # m is read twice: a stops there
+    site, = ot.find_sites(_model("m = Mul(c, k)\n  s = Sigmoid(c)\n  d = Add(m, s)\n  y = Relu(d)", k=k))
+    assert site.through == ()
+    site, = ot.find_sites(_model("m = Mul(c, c)\n  y = Relu(m)"))
+    assert site.through == ()  # not a constant
+
+
+@pytest.mark.parametrize("body,why", [
+    ("m = Mul(c, k)\n  a = Add(m, t)\n  y = BatchNormalization(a, g, b, mu, v)", "BN kept after Mul/Add"),
+    ("m = Mul(c, k)\n  r = Reshape(m, shape)\n  y = BatchNormalization(r, g, b, mu, v)", "Mul then Reshape"),
+    ("n = Transpose<perm=[0,2,3,1]>(c)\n  m = Mul(n, kn)\n  o = Transpose<perm=[0,3,1,2]>(m)\n"
+     "  y = BatchNormalization(o, g, b, mu, v)", "rule 2 through an NHWC Mul by a constant"),
+    ("m = Mul(c, k)\n  y = Add(m, t)", "rule 1: the chain ends at a graph output"),
+    ("m = Mul(c, k)\n  a = Add(m, t)\n  y = Sigmoid(a)", "rule 4: a head"),
+])
+def test_the_rules_look_past_the_chain(body, why):
+    consts = {"k": np.full((1, C, 1, 1), 2.0), "t": np.ones((C, 1, 1)), "shape": np.array(FULL),
+              "kn": np.arange(1.0, C + 1)}
+    model = _model(body, **{n: v for n, v in consts.items() if n in body})
+    assert ot.find_sites(model) == [], why
+    if why == "BN kept after Mul/Add":  # sites_include overrides the rules, never a BN there
+        assert ot.find_sites(model, sites_include="c") == []
+
+
+def test_a_chain_that_stays_a_site():
+    """A BN left as Mul+Add (nothing fused) is a site: the BN goes on the conv output."""
+    model = _model("m = Mul(c, k)\n  a = Add(m, t)\n  y = Relu(a)", k=np.full((1, C, 1, 1), 2.0),
+                   t=np.ones((C, 1, 1)))
+    site, = ot.find_sites(model)
+    assert (site.output, site.through, site.end) == ("c", ("m", "a"), "a")
+    assert site.to_dict()["through"] == ["m", "a"]
+
+
+def test_weights_behind_identity_are_weights():
+    """Exporters alias deduplicated tensors through Identity: such a conv is a candidate."""
+    model = _model("y = Relu(c)")
+    model.graph.node[0].input[1] = "w_alias"
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", ["w"], ["w_alias"]))
+    site, = ot.find_sites(model)
+    assert (site.output, site.channels) == ("c", C)
