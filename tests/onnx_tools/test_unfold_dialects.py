@@ -16,7 +16,7 @@ import pytest
 
 import onnx_tools as ot
 from onnx_tools.errors import ModelError
-from tests.onnx_tools.helpers import ROOT, make_model
+from tests.onnx_tools.helpers import ROOT, file_digest, make_model
 from tests.onnx_tools.unfold_twins import EPS, check_twin, closed_form, fold, run, scale_weight
 
 ort = pytest.importorskip("onnxruntime")
@@ -137,18 +137,19 @@ def test_tf2onnx_default_conversion_unfolds_exactly():
     for x in (a[:8], b[:8]):
         ref = run(folded, {"image": x})
         np.testing.assert_allclose(run(result.model, {"image": x}), ref, rtol=0,
-                                   atol=5e-6 * np.abs(ref).max())
+                                   atol=1e-6 * np.sqrt(np.mean(ref**2)))
     params = {bn.output[0]: bn for bn in ka.graph.node if bn.op_type == "BatchNormalization"}
     init = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in ka.graph.initializer}
     for key, (mean, var) in result.statistics.items():
         g, beta, _, v = (init[n] for n in params[key].input[1:5])
-        np.testing.assert_allclose(mean, beta, rtol=0, atol=1e-4 * np.abs(g).max())
-        np.testing.assert_allclose(var, g**2 * v / (v + EPS), rtol=2e-4)
+        std = np.sqrt(g**2 * v / (v + EPS))
+        np.testing.assert_allclose(mean, beta, rtol=0, atol=2e-5 * std.max())
+        np.testing.assert_allclose(np.sqrt(var), std, rtol=0, atol=2e-5 * std.max())
     ref = run(ot.recalibrate(ka, b, batch_size=16).model, {"image": b})
     got = run(ot.recalibrate(result.model, b, batch_size=16).model, {"image": b})
     rms = np.sqrt(np.mean(ref**2))
-    assert np.abs(run(folded, {"image": b}) - ref).max() > 2e-3 * rms
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-4 * rms)
+    assert np.abs(run(folded, {"image": b}) - ref).max() > 0.1 * rms  # adapting changes outputs
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * rms)
 
 
 @pytest.mark.parametrize("form", ["fold", "muladd", "onnxsim", "submuladd"])
@@ -198,7 +199,7 @@ def test_nhwc_convolutions_behind_transposes(form):
     assert all(s.op_type == "Conv" for s in result.sites)  # the MatMul head stays out
 
 
-@pytest.mark.parametrize("opset,ir", [(11, 6), (13, 7), (15, 8), (18, 8), (21, 10), (23, 11)])
+@pytest.mark.parametrize("opset,ir", [(11, 6), (13, 7), (15, 8), (18, 8), (21, 10), (23, 11), (25, 12)])
 def test_opsets(images, opset, ir):
     a, b = images
     check_twin(cnn(opset, ir), a[:32], b[:32], "onnxsim" if opset % 2 else "fold")
@@ -208,7 +209,7 @@ def test_float16_models_unfold_in_float16_and_fuse(images, tmp_path):
     """A float16 model: the inserted BN tensors are float16 (the weights' type), which is
     what onnxruntime needs to fuse them into the Conv; equivalence to float16 rounding."""
     a, b = (x.astype(np.float16) for x in images)
-    result = check_twin(cnn(dtype=np.float16), a, b, "fold", tol=2e-2)
+    result = check_twin(cnn(dtype=np.float16), a, b, "fold", tol=1e-2)
     types = {t.name: t.data_type for t in result.model.graph.initializer}
     assert all(types[name] == onnx.TensorProto.FLOAT16
                for bn in result.inserted for name in bn.tensors.values())
@@ -243,12 +244,15 @@ def test_external_data_in_external_data_out(images, tmp_path):
     onnx.save(on_disk, tmp_path / "f.onnx", save_as_external_data=True, location="f.data",
               size_threshold=0)
     np.save(tmp_path / "a.npy", a)
+    digests = [file_digest(tmp_path / n) for n in ("f.onnx", "f.data")]
     assert [s.output for s in ot.find_sites(onnx.load(tmp_path / "f.onnx", load_external_data=False))] == CNN_SITES
     result = ot.unfold(str(tmp_path / "f.onnx"), str(tmp_path / "a.npy"), batch_size=16, bn_eps=EPS,
                        output=str(tmp_path / "u.onnx"))
     written = onnx.load(tmp_path / "u.onnx", load_external_data=False)
-    assert all(onnx.external_data_helper.uses_external_data(t) for t in written.graph.initializer
-               if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
+    external = [t for t in written.graph.initializer if onnx.external_data_helper.uses_external_data(t)]
+    assert {t.name for t in external} == {t.name for t in folded.graph.initializer}  # as they were
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"u.onnx.data"}
+    assert [file_digest(tmp_path / n) for n in ("f.onnx", "f.data")] == digests
     unfolded = onnx.load(tmp_path / "u.onnx")
     np.testing.assert_allclose(run(unfolded, {"x": a[:8]}), run(folded, {"x": a[:8]}), rtol=0, atol=1e-5)
     for key, (mean, var) in closed_form(ka, sites).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import onnx_tools as ot
@@ -61,6 +61,12 @@ _SHAPES = st.lists(st.sampled_from([1, 2, 3, C]), max_size=4).map(tuple).filter(
 
 @settings(max_examples=40, deadline=None)
 @given(shape=_SHAPES, op=st.sampled_from(["Mul", "Add", "Sub", "Div"]), first=st.booleans())
+@example(shape=(2, 1, 1, 1), op="Mul", first=True)  # per sample
+@example(shape=(1, C, 3, 1), op="Add", first=True)  # per position
+@example(shape=(3,), op="Mul", first=True)  # per column
+@example(shape=(C, 1, 1), op="Sub", first=False)  # per channel, the constant first
+@example(shape=(C, 1, 1), op="Div", first=False)  # k / z
+@example(shape=(), op="Div", first=True)
 def test_a_chain_continues_exactly_through_per_channel_constants(shape, op, first):
     value = np.arange(1, 1 + int(np.prod(shape))).reshape(shape) * 0.5 + 1
     args = "c, k" if first else "k, c"
