@@ -16,7 +16,7 @@ import pytest
 
 import onnx_tools as ot
 from onnx_tools.errors import ModelError
-from tests.onnx_tools.helpers import ROOT, file_digest, make_model
+from tests.onnx_tools.helpers import ROOT, file_digest, make_model, run_cli
 from tests.onnx_tools.unfold_twins import EPS, check_twin, closed_form, fold, run, scale_weight
 
 ort = pytest.importorskip("onnxruntime")
@@ -277,18 +277,21 @@ mlp (float[N,10] x) => (float[N,3] y) {
 """
 
 
-@pytest.mark.parametrize("form", ["fold", "muladd"])
-def test_linear_sites_on_an_mlp(form):
-    """BN1d folded into Gemm (transB or not), MatMul (+ Add), or left as Mul+Add: sites only
-    with linear_sites; the classifier Gemm (then Softmax) stays out (rule 4)."""
+def mlp() -> onnx.ModelProto:
     rng = np.random.default_rng(2)
     init = {"w1": rng.normal(size=(8, 10)), "bias1": rng.normal(size=8),
             "w2": rng.normal(size=(8, 7)) * 0.5, "w3": rng.normal(size=(7, 5)) * 0.5,
             "wf": rng.normal(size=(5, 3)), "bf": rng.normal(size=3)}
     for k, c in (("1", 8), ("2", 7), ("3", 5)):
         init |= _bn_init(rng, k, c)
-    kept = make_model(MLP, {k: np.asarray(v, np.float32) for k, v in init.items()})
-    a, b = _data((10,))
+    return make_model(MLP, {k: np.asarray(v, np.float32) for k, v in init.items()})
+
+
+@pytest.mark.parametrize("form", ["fold", "muladd"])
+def test_linear_sites_on_an_mlp(form):
+    """BN1d folded into Gemm (transB or not), MatMul (+ Add), or left as Mul+Add: sites only
+    with linear_sites; the classifier Gemm (then Softmax) stays out (rule 4)."""
+    kept, (a, b) = mlp(), _data((10,))
     result = check_twin(kept, a, b, form, linear_sites=True)
     assert [s.op_type for s in result.sites] == ["Gemm", "MatMul", "Gemm"]
     assert [s.channels for s in result.sites] == [8, 7, 5]
@@ -297,3 +300,19 @@ def test_linear_sites_on_an_mlp(form):
     assert ot.find_sites(folded) == []
     with pytest.raises(ModelError, match="linear_sites"):
         ot.unfold(folded, a)
+
+
+def test_cli_linear_sites_and_partial_folds(tmp_path):
+    a, _ = _data((10,))
+    folded, _ = fold(ot.recalibrate(mlp(), a, batch_size=16).model, "muladd")
+    onnx.save(folded, tmp_path / "f.onnx")
+    np.save(tmp_path / "a.npy", a)
+    rc, out, err = run_cli("inspect", tmp_path / "f.onnx")
+    assert rc == 0, err
+    rc, out, err = run_cli("unfold", tmp_path / "f.onnx", "--data", tmp_path / "a.npy", "-o", tmp_path / "u.onnx")
+    assert rc == 1 and "--linear-sites" in err and not (tmp_path / "u.onnx").exists()
+    rc, out, err = run_cli("unfold", tmp_path / "f.onnx", "--data", tmp_path / "a.npy", "--linear-sites",
+                           "-o", tmp_path / "u.onnx", "--batch-size", "16")
+    assert rc == 0 and "inserted 3 BatchNormalization(s)" in out, err
+    unfolded = onnx.load(tmp_path / "u.onnx")
+    np.testing.assert_allclose(run(unfolded, {"x": a}), run(folded, {"x": a}), rtol=0, atol=1e-5)
