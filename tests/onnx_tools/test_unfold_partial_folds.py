@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import onnx_tools as ot
 from tests.onnx_tools.helpers import make_model
+from tests.onnx_tools.unfold_twins import check_twin
 
 C, FULL = 4, (2, 4, 3, 3)  # the conv output below: (N=2, C=4, 3, 3)
 
@@ -120,3 +121,40 @@ def test_weights_behind_identity_are_weights():
     model.graph.node.insert(0, onnx.helper.make_node("Identity", ["w"], ["w_alias"]))
     site, = ot.find_sites(model)
     assert (site.output, site.channels) == ("c", C)
+
+
+TWO = """
+<ir_version: 8, opset_import: ["" : 15]>
+two (float[N,4,5,5] x) => (float[N,3] y) {{
+  c1 = {op}<group={group}>(x, w1{bias})
+  b1 = BatchNormalization<epsilon=1e-9>(c1, g1, be1, m1, v1)
+  r1 = Relu(b1)
+  c2 = Conv(r1, w2)
+  b2 = BatchNormalization<epsilon=1e-9>(c2, g2, be2, m2, v2)
+  r2 = Relu(b2)
+  p = GlobalAveragePool(r2)
+  y = Flatten(p)
+}}
+"""
+
+
+@settings(max_examples=8, deadline=None)
+@given(op=st.sampled_from(["Conv", "ConvTranspose"]), group=st.sampled_from([1, 2, 4]),
+       per=st.sampled_from([1, 2]), bias=st.booleans(), seed=st.integers(0, 2**16),
+       form=st.sampled_from(["fold", "muladd", "onnxsim", "submuladd"]))
+def test_any_conv_kind_in_any_fold_form_unfolds_exactly(op, group, per, bias, seed, form):
+    """The class behind the dialect tests: every conv kind, folded in every form."""
+    rng = np.random.default_rng(seed)
+    cout = group * per
+    shape = (cout, 4 // group, 2, 2) if op == "Conv" else (4, per, 2, 2)
+    init = {"w1": rng.normal(size=shape), "w2": rng.normal(size=(3, cout, 1, 1)),
+            "bias1": rng.normal(size=cout)}
+    for k, c in (("1", cout), ("2", 3)):
+        init |= {f"g{k}": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c),
+                 f"be{k}": rng.normal(size=c), f"m{k}": np.zeros(c), f"v{k}": np.ones(c)}
+    kept = make_model(TWO, {k: np.asarray(v, np.float32) for k, v in init.items() if bias or k != "bias1"},
+                      op=op, group=group, bias=", bias1" if bias else "")
+    a = (rng.normal(size=(48, 4, 5, 5)) + 0.3).astype(np.float32)
+    b = (a[::-1] * 0.5 + 0.6).astype(np.float32)
+    result = check_twin(kept, a, b, form)
+    assert [s.channels for s in result.sites] == [cout, 3]
