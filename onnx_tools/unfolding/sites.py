@@ -34,7 +34,8 @@ Conv -> Add, Conv -> Sub -> Mul -> Add) is a site whose ``through`` names that c
 chain is a per-channel affine map, so a BN anywhere on it gives the same recalibrated model
 (up to eps'); the BN goes on the layer's own output, where onnxruntime fuses it into the
 layer (it fuses none after a Sub, nor after a ConvTranspose's Mul/Add), and the rules look
-at the chain's end (rule 2 also passes Mul/Div by constants).
+at the chain's end (rule 2 also passes Mul/Div by constants), as do ``sites_include`` and
+``sites_exclude`` (the end is the BN's output name in the BN-kept export).
 """
 
 from __future__ import annotations
@@ -291,8 +292,8 @@ def _default_rule(index: GraphIndex, site: Site, pooled: set[str], const: set[st
         return False  # rule 1 (a chain stops at a graph output: the layer's output or its end)
 
     def affine(n: onnx.NodeProto, name: str) -> bool:  # rule 2's path: per-channel affine ops
-        return n.op_type in _AFFINE_PASS or (n.op_type in ("Mul", "Div") and all(
-            k == name or k in const for k in n.input))
+        return n.op_type in _AFFINE_PASS or (n.op_type in ("Mul", "Div") and list(
+            n.input).count(name) == 1 and all(k == name or k in const for k in n.input))
 
     if _reaches(index, site.end, affine, lambda n, name: n.op_type == _BN and n.input[0] == name):
         return False  # rule 2
@@ -327,7 +328,7 @@ def find_sites(
     pooled = _pooled_tensors(model, const)
     sites = []
     for site in _candidates(model, index, linear_sites, out_types):
-        names = (site.node_name, site.output)
+        names = (site.node_name, site.output, site.end)
         chosen = _default_rule(index, site, pooled, const)
         if exc is not None and any(exc.search(n) for n in names if n):
             chosen = False
@@ -343,3 +344,7 @@ def _feeds_bn(index: GraphIndex, site: Site) -> bool:
     return any(index.model.graph.node[i].op_type == _BN and slot == 0
                for name in {site.output, site.end} for i, slot in index.consumers.get(name, []))
 
+
+def float_elem(elem: int) -> bool:
+    """Element types an inserted BN can take (those of onnxruntime's BN kernels)."""
+    return elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)

@@ -112,6 +112,7 @@ def test_a_chain_that_stays_a_site():
     site, = ot.find_sites(model)
     assert (site.output, site.through, site.end) == ("c", ("m", "a"), "a")
     assert site.to_dict()["through"] == ["m", "a"]
+    assert ot.find_sites(model, sites_exclude="^a$") == []  # the chain's end names the site too
 
 
 def test_weights_behind_identity_are_weights():
