@@ -205,11 +205,26 @@ def test_opsets(images, opset, ir):
     check_twin(cnn(opset, ir), a[:32], b[:32], "onnxsim" if opset % 2 else "fold")
 
 
-def test_float16_models_unfold_in_float16_and_fuse(images, tmp_path):
-    """A float16 model: the inserted BN tensors are float16 (the weights' type), which is
-    what onnxruntime needs to fuse them into the Conv; equivalence to float16 rounding."""
-    a, b = (x.astype(np.float16) for x in images)
-    result = check_twin(cnn(dtype=np.float16), a, b, "fold", tol=1e-2)
+def _keep_io_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float32 input and output around a float16 graph (onnxconverter-common's keep_io_types)."""
+    g = model.graph
+    for node in g.node:
+        node.input[:] = ["x16" if n == "x" else n for n in node.input]
+        node.output[:] = ["y16" if n == "y" else n for n in node.output]
+    g.node.insert(0, onnx.helper.make_node("Cast", ["x"], ["x16"], to=onnx.TensorProto.FLOAT16))
+    g.node.append(onnx.helper.make_node("Cast", ["y16"], ["y"], to=onnx.TensorProto.FLOAT))
+    g.input[0].type.tensor_type.elem_type = g.output[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return model
+
+
+@pytest.mark.parametrize("keep_io", [False, True])
+def test_float16_models_unfold_in_float16_and_fuse(images, tmp_path, keep_io):
+    """A float16 model (or one with float32 input/output Casts): the inserted BN tensors are
+    float16 (the weights' type), which onnxruntime needs to fuse them into the Conv;
+    equivalence to float16 rounding."""
+    kept = _keep_io_types(cnn(dtype=np.float16)) if keep_io else cnn(dtype=np.float16)
+    a, b = images if keep_io else (x.astype(np.float16) for x in images)
+    result = check_twin(kept, a, b, "fold", tol=1e-2)
     types = {t.name: t.data_type for t in result.model.graph.initializer}
     assert all(types[name] == onnx.TensorProto.FLOAT16
                for bn in result.inserted for name in bn.tensors.values())
