@@ -17,66 +17,24 @@ import pytest
 import onnx_tools as ot
 from onnx_tools.errors import ModelError
 from tests.onnx_tools.helpers import ROOT, file_digest, make_model, run_cli
-from tests.onnx_tools.unfold_twins import EPS, check_twin, closed_form, fold, run, scale_weight
+from tests.onnx_tools.unfold_twins import (
+    CNN_SITES,
+    EPS,
+    bn_init,
+    check_twin,
+    closed_form,
+    cnn,
+    fold,
+    run,
+    scale_weight,
+    source_target,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
-# Conv with bias, grouped Conv without bias, depthwise Conv in a residual, grouped
-# ConvTranspose (channels = W.shape[1] * group), then a Gemm head.
-CNN = """
-<ir_version: {ir}, opset_import: ["" : {opset}]>
-cnn ({t}[N,3,8,8] x) => ({t}[N,4] y) {{
-  c1 = Conv<pads=[1,1,1,1]>(x, w1, bias1)
-  b1 = BatchNormalization<epsilon={eps}>(c1, g1, be1, m1, v1)
-  r1 = Relu(b1)
-  c2 = Conv<pads=[1,1,1,1], group=2>(r1, w2)
-  b2 = BatchNormalization<epsilon={eps}>(c2, g2, be2, m2, v2)
-  r2 = Relu(b2)
-  c3 = Conv<pads=[1,1,1,1], group=6>(r2, w3)
-  b3 = BatchNormalization<epsilon={eps}>(c3, g3, be3, m3, v3)
-  a3 = Add(b3, r2)
-  r3 = Relu(a3)
-  c4 = ConvTranspose<strides=[2,2], group=2>(r3, w4, bias4)
-  b4 = BatchNormalization<epsilon={eps}>(c4, g4, be4, m4, v4)
-  r4 = Relu(b4)
-  p = GlobalAveragePool(r4)
-  f = Flatten(p)
-  y = Gemm(f, wf, bf)
-}}
-"""
-CNN_SITES = ["b1", "b2", "b3", "b4"]
-
-
-def _bn_init(rng, k: str, c: int) -> dict:
-    return {f"g{k}": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), f"be{k}": rng.normal(size=c),
-            f"m{k}": np.zeros(c), f"v{k}": np.ones(c)}  # stale: recalibrated by check_twin
-
-
-def cnn(opset: int = 15, ir: int = 8, dtype=np.float32, seed: int = 0) -> onnx.ModelProto:
-    """The BN-kept CNN (gamma of both signs: a negative a flips a channel)."""
-    rng = np.random.default_rng(seed)
-    init = {"w1": rng.normal(size=(6, 3, 3, 3)), "bias1": rng.normal(size=6),
-            "w2": rng.normal(size=(6, 3, 3, 3)) * 0.4, "w3": rng.normal(size=(6, 1, 3, 3)) * 0.5,
-            "w4": rng.normal(size=(6, 2, 2, 2)) * 0.4, "bias4": rng.normal(size=4),
-            "wf": rng.normal(size=(4, 4)), "bf": rng.normal(size=4)}
-    for k, c in (("1", 6), ("2", 6), ("3", 6), ("4", 4)):
-        init |= _bn_init(rng, k, c)
-    t = {np.float32: "float", np.float16: "float16"}[dtype]
-    return make_model(CNN, {k: np.asarray(v, dtype) for k, v in init.items()},
-                      eps=EPS, opset=opset, ir=ir, t=t)
-
-
-def _data(shape: tuple, n: int = 64, seed: int = 5, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Source A and target B (B: contrast and brightness shift of A)."""
-    rng = np.random.default_rng(seed)
-    a = rng.normal(size=(n, *shape)) * rng.uniform(0.5, 1.5, (n,) + (1,) * len(shape)) + 0.2
-    b = a[rng.permutation(n)] * 0.4 + 0.7
-    return a.astype(dtype), b.astype(dtype)
-
-
 @pytest.fixture(scope="module")
 def images():
-    return _data((3, 8, 8))
+    return source_target((3, 8, 8))
 
 
 def test_the_twin_fold_is_the_exporters_fold():
@@ -124,7 +82,7 @@ def test_tf2onnx_default_conversion_unfolds_exactly():
         for attr in node.attribute:
             if node.op_type == "BatchNormalization" and attr.name == "epsilon":
                 attr.f = EPS
-    a, b = _data((16, 16, 3), n=48)
+    a, b = source_target((16, 16, 3), n=48)
     ka = ot.recalibrate(kept, a, batch_size=16).model
     folded = onnx.load(data / "tf2onnx_default.onnx")
     values = _refold_values(folded, ka)
@@ -160,9 +118,29 @@ def test_folds_and_partial_folds(images, form):
     assert [bn.depth for bn in result.inserted] == [1, 2, 3, 4]  # node order
     assert [s.op_type for s in result.sites] == ["Conv", "Conv", "Conv", "ConvTranspose"]
     assert [s.channels for s in result.sites] == [6, 6, 6, 4]
-    chain = {"fold": 0, "muladd": 2, "onnxsim": 1, "submuladd": 3}[form]
-    assert all(len(s.through) == chain for s in result.sites)
+    chain = {"fold": [0] * 4, "muladd": [2] * 4, "onnxsim": [1, 0, 0, 2], "submuladd": [3] * 4}
+    assert [len(s.through) for s in result.sites] == chain[form]
     assert [s.end for s in result.sites] == CNN_SITES  # the chain ends where the BN's output was
+
+
+def test_the_twin_folds_are_onnxsims_and_a_bn_it_keeps_is_recalibrated(images):
+    """onnxsim 0.8.1's real output (``tests/corpus/make_onnxsim.py``) for the CNN with its BNs
+    (it keeps the grouped ConvTranspose's BN) and with each BN as Mul+Add (partial folds) is
+    what the twins' folds write; unfolding a model with a kept BN is exact too."""
+    data = ROOT / "tests" / "corpus" / "data"
+    kept = onnx.load(data / "onnxsim_kept.onnx")
+    x = source_target((3, 8, 8), n=8, seed=11)[0]
+    for name, form, keep in (("fold", "fold", ("b4",)), ("muladd", "onnxsim", ())):
+        real = onnx.load(data / f"onnxsim_{name}.onnx")
+        mine, _ = fold(kept, form, keep)
+        assert [n.op_type for n in real.graph.node] == [n.op_type for n in mine.graph.node]
+        ref = run(real, {"x": x})
+        np.testing.assert_allclose(run(mine, {"x": x}), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+        sites = ot.find_sites(real)
+        assert [len(s.through) for s in sites] == ([0, 0, 0] if keep else [1, 0, 0, 2])
+    a, b = images
+    result = check_twin(cnn(), a, b, "fold", keep=("b4",))
+    assert [bn.depth for bn in result.inserted] == [1, 2, 3]
 
 
 NHWC = """
@@ -192,9 +170,9 @@ def test_nhwc_convolutions_behind_transposes(form):
     init = {"w1": rng.normal(size=(6, 3, 3, 3)), "bias1": rng.normal(size=6),
             "w2": rng.normal(size=(6, 1, 3, 3)), "wf": rng.normal(size=(6, 4))}
     for k in "12":
-        init |= _bn_init(rng, k, 6)
+        init |= bn_init(rng, k, 6)
     kept = make_model(NHWC, {k: np.asarray(v, np.float32) for k, v in init.items()})
-    a, b = _data((8, 8, 3))
+    a, b = source_target((8, 8, 3))
     result = check_twin(kept, a, b, form, linear_sites=True)
     assert all(s.op_type == "Conv" for s in result.sites)  # the MatMul head stays out
 
@@ -298,7 +276,7 @@ def mlp() -> onnx.ModelProto:
             "w2": rng.normal(size=(8, 7)) * 0.5, "w3": rng.normal(size=(7, 5)) * 0.5,
             "wf": rng.normal(size=(5, 3)), "bf": rng.normal(size=3)}
     for k, c in (("1", 8), ("2", 7), ("3", 5)):
-        init |= _bn_init(rng, k, c)
+        init |= bn_init(rng, k, c)
     return make_model(MLP, {k: np.asarray(v, np.float32) for k, v in init.items()})
 
 
@@ -306,7 +284,7 @@ def mlp() -> onnx.ModelProto:
 def test_linear_sites_on_an_mlp(form):
     """BN1d folded into Gemm (transB or not), MatMul (+ Add), or left as Mul+Add: sites only
     with linear_sites; the classifier Gemm (then Softmax) stays out (rule 4)."""
-    kept, (a, b) = mlp(), _data((10,))
+    kept, (a, b) = mlp(), source_target((10,))
     result = check_twin(kept, a, b, form, linear_sites=True)
     assert [s.op_type for s in result.sites] == ["Gemm", "MatMul", "Gemm"]
     assert [s.channels for s in result.sites] == [8, 7, 5]
@@ -318,7 +296,7 @@ def test_linear_sites_on_an_mlp(form):
 
 
 def test_cli_linear_sites_and_partial_folds(tmp_path):
-    a, _ = _data((10,))
+    a, _ = source_target((10,))
     folded, _ = fold(ot.recalibrate(mlp(), a, batch_size=16).model, "muladd")
     onnx.save(folded, tmp_path / "f.onnx")
     np.save(tmp_path / "a.npy", a)

@@ -8,8 +8,9 @@
   gets its bias as a following Add (MatMul+Add, what exporters write for a Linear);
 * ``"muladd"``: the layer kept, the BN written as Mul(a) then Add(beta - a * mu) (a BN an
   exporter decomposed and nothing fused);
-* ``"onnxsim"``: the Mul folded into the layer (W * a, b * a), the Add left: what onnxsim 0.8.1
-  writes for Conv -> Mul -> Add;
+* ``"onnxsim"``: what onnxsim 0.8.1 writes for layer -> Mul -> Add (checked against its real
+  output, ``tests/corpus/data/onnxsim_muladd.onnx``): a Conv with a bias takes the Mul
+  (W * a, b * a) and leaves the Add; one without a bias takes both; a ConvTranspose neither;
 * ``"submuladd"``: Sub(mu) -> Mul(a) -> Add(beta) after the layer (onnxsim on a BN
   decomposed as Sub/Mul/Mul/Add merges the two Muls);
 * ``"nhwc_bias"``: the BN folded into the conv's weights, its shift left as an NHWC BiasAdd
@@ -30,9 +31,63 @@ import onnx
 from onnx import helper, numpy_helper
 
 import onnx_tools as ot
+from tests.onnx_tools.helpers import make_model
 
 EPS = 1e-9  # the twins' BN epsilon: a^2 * eps is negligible, so eps' = EPS is exact enough
 LAYERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+# Conv with bias, grouped Conv without bias, depthwise Conv in a residual, grouped
+# ConvTranspose (channels = W.shape[1] * group), then a Gemm head.
+CNN = """
+<ir_version: {ir}, opset_import: ["" : {opset}]>
+cnn ({t}[N,3,8,8] x) => ({t}[N,4] y) {{
+  c1 = Conv<pads=[1,1,1,1]>(x, w1, bias1)
+  b1 = BatchNormalization<epsilon={eps}>(c1, g1, be1, m1, v1)
+  r1 = Relu(b1)
+  c2 = Conv<pads=[1,1,1,1], group=2>(r1, w2)
+  b2 = BatchNormalization<epsilon={eps}>(c2, g2, be2, m2, v2)
+  r2 = Relu(b2)
+  c3 = Conv<pads=[1,1,1,1], group=6>(r2, w3)
+  b3 = BatchNormalization<epsilon={eps}>(c3, g3, be3, m3, v3)
+  a3 = Add(b3, r2)
+  r3 = Relu(a3)
+  c4 = ConvTranspose<strides=[2,2], group=2>(r3, w4, bias4)
+  b4 = BatchNormalization<epsilon={eps}>(c4, g4, be4, m4, v4)
+  r4 = Relu(b4)
+  p = GlobalAveragePool(r4)
+  f = Flatten(p)
+  y = Gemm(f, wf, bf)
+}}
+"""
+CNN_SITES = ["b1", "b2", "b3", "b4"]
+
+
+def bn_init(rng, k: str, c: int) -> dict:
+    """BN tensors of layer ``k``: gamma of both signs, stale statistics."""
+    return {f"g{k}": rng.uniform(0.5, 2, c) * rng.choice([-1, 1], c), f"be{k}": rng.normal(size=c),
+            f"m{k}": np.zeros(c), f"v{k}": np.ones(c)}  # stale: recalibrated by check_twin
+
+
+def cnn(opset: int = 15, ir: int = 8, dtype=np.float32, seed: int = 0) -> onnx.ModelProto:
+    """The BN-kept CNN (gamma of both signs: a negative a flips a channel)."""
+    rng = np.random.default_rng(seed)
+    init = {"w1": rng.normal(size=(6, 3, 3, 3)), "bias1": rng.normal(size=6),
+            "w2": rng.normal(size=(6, 3, 3, 3)) * 0.4, "w3": rng.normal(size=(6, 1, 3, 3)) * 0.5,
+            "w4": rng.normal(size=(6, 2, 2, 2)) * 0.4, "bias4": rng.normal(size=4),
+            "wf": rng.normal(size=(4, 4)), "bf": rng.normal(size=4)}
+    for k, c in (("1", 6), ("2", 6), ("3", 6), ("4", 4)):
+        init |= bn_init(rng, k, c)
+    t = {np.float32: "float", np.float16: "float16"}[dtype]
+    return make_model(CNN, {k: np.asarray(v, dtype) for k, v in init.items()},
+                      eps=EPS, opset=opset, ir=ir, t=t)
+
+
+def source_target(shape: tuple, n: int = 64, seed: int = 5, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Source A and target B (B: contrast and brightness shift of A)."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, *shape)) * rng.uniform(0.5, 1.5, (n,) + (1,) * len(shape)) + 0.2
+    b = a[rng.permutation(n)] * 0.4 + 0.7
+    return a.astype(dtype), b.astype(dtype)
 
 
 def bn_params(model: onnx.ModelProto) -> dict[str, dict]:
@@ -71,15 +126,72 @@ def _const(name: str, value: np.ndarray, dtype) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(value).astype(dtype), name)
 
 
-def fold(kept: onnx.ModelProto, form: str = "fold") -> tuple[onnx.ModelProto, dict]:
-    """``kept`` with its layer-BN pairs folded as ``form`` says, and its sites.
+def _layer_form(form: str, layer: onnx.NodeProto, has_b: bool) -> str:
+    """onnxsim 0.8.1 (``data/onnxsim_muladd.onnx``): a Conv with a bias takes the Mul and
+    leaves the Add, a Conv without one takes both (the Add becomes its bias), a
+    ConvTranspose takes neither."""
+    if form != "onnxsim":
+        return form
+    return "muladd" if layer.op_type == "ConvTranspose" else "onnxsim" if has_b else "fold"
+
+
+def _fold_one(graph: onnx.GraphProto, init: dict, node: onnx.NodeProto, p: dict, form: str,
+              dtype) -> tuple[list[onnx.NodeProto], str, np.ndarray, np.ndarray]:
+    """Fold BN ``node`` into its layer: the nodes after the layer, the site, s and t."""
+    layer, key, x = p["layer"], node.output[0], node.input[0]
+    shape = (1, -1) if layer.op_type in ("Gemm", "MatMul") else (1, -1, 1, 1)
+    w = numpy_helper.to_array(init[layer.input[1]]).astype(np.float64)
+    has_b = len(layer.input) > 2 and bool(layer.input[2])
+    b = numpy_helper.to_array(init[layer.input[2]]).astype(np.float64) if has_b else 0.0 * p["a"]
+    form = _layer_form(form, layer, has_b)
+    extra, s, t, after = [], p["a"], p["c"], []
+    if form in ("fold", "nhwc_bias"):
+        w, b0, b = scale_weight(layer, w, p["a"]), b, (b - p["mu"]) * p["a"] + p["beta"]
+        layer.output[0] = key if form == "fold" and layer.op_type != "MatMul" else f"{key}/z"
+        if form == "nhwc_bias":
+            after = [helper.make_node("Transpose", [layer.output[0]], [f"{key}/t"], perm=[0, 2, 3, 1]),
+                     helper.make_node("Add", [f"{key}/t", f"{key}/c"], [f"{key}/tb"]),
+                     helper.make_node("Transpose", [f"{key}/tb"], [key], perm=[0, 3, 1, 2])]
+            graph.initializer.append(_const(f"{key}/c", b, dtype))
+            b, t = None, -p["a"] * b0
+        elif layer.op_type == "MatMul":
+            extra, b, t = [("Add", b)], None, 0.0 * t
+    elif form == "onnxsim":
+        w, b, t = scale_weight(layer, w, p["a"]), b * p["a"], 0.0 * t
+        layer.output[0] = f"{key}/z"
+        extra = [("Add", p["c"])]
+    else:
+        s, t = 1.0 + 0.0 * s, 0.0 * t
+        layer.output[0] = x
+        b = b if has_b else None
+        extra = ([("Mul", p["a"]), ("Add", p["c"])] if form == "muladd" else
+                 [("Sub", p["mu"]), ("Mul", p["a"]), ("Add", p["beta"])])
+    graph.initializer.remove(init[layer.input[1]])
+    graph.initializer.append(_const(layer.input[1], w, dtype))
+    if has_b:
+        graph.initializer.remove(init[layer.input[2]])
+    del layer.input[2:]
+    if b is not None:
+        layer.input.append(f"{key}/b")
+        graph.initializer.append(_const(f"{key}/b", b, dtype))
+    prev = layer.output[0]
+    for k, (op, value) in enumerate(extra):
+        out = key if k == len(extra) - 1 else f"{key}/{op}{k}"
+        graph.initializer.append(_const(f"{key}/{op}{k}.c", value.reshape(shape), dtype))
+        after.append(helper.make_node(op, [prev, f"{key}/{op}{k}.c"], [out]))
+        prev = out
+    return after, layer.output[0], s, t
+
+
+def fold(kept: onnx.ModelProto, form: str = "fold", keep: tuple[str, ...] = ()) -> tuple[onnx.ModelProto, dict]:
+    """``kept`` with its layer-BN pairs folded as ``form`` says (but the BNs named in ``keep``).
 
     Returns the folded model and {site (layer output): (BN output in ``kept``, s, t)}: the
     site's values are s * x + t per channel, x the BN's input.
     """
     model = onnx.ModelProto()
     model.CopyFrom(kept)
-    params = bn_params(model)
+    params = {k: v for k, v in bn_params(model).items() if k not in keep}
     graph = model.graph
     init = {t.name: t for t in graph.initializer}
     dtype = helper.tensor_dtype_to_np_dtype(init[next(iter(params.values()))["layer"].input[1]].data_type)
@@ -89,56 +201,9 @@ def fold(kept: onnx.ModelProto, form: str = "fold") -> tuple[onnx.ModelProto, di
         if p is None:
             new_nodes.append(node)
             continue
-        layer, key, x = p["layer"], node.output[0], node.input[0]
-        rank = 2 if layer.op_type in ("Gemm", "MatMul") else 4
-        shape = (1, -1) + (1,) * (rank - 2)
-        w = numpy_helper.to_array(init[layer.input[1]]).astype(np.float64)
-        has_b = len(layer.input) > 2 and layer.input[2]
-        b = numpy_helper.to_array(init[layer.input[2]]).astype(np.float64) if has_b else 0.0
-        extra, shift, s, t = [], 0.0, p["a"], p["c"]
-        if form in ("fold", "nhwc_bias"):
-            w, b0, b = scale_weight(layer, w, p["a"]), b, (b - p["mu"]) * p["a"] + p["beta"]
-            if form == "nhwc_bias":
-                shift, b, t = b, None, -p["a"] * b0
-            layer.output[0] = key if form == "fold" and layer.op_type != "MatMul" else f"{key}/z"
-            t = 0.0 * t if layer.op_type == "MatMul" else t
-        elif form == "onnxsim":
-            w, b, t = scale_weight(layer, w, p["a"]), b * p["a"], 0.0 * t
-            layer.output[0] = f"{key}/z"
-            extra = [("Add", p["c"])]
-            b = b if has_b else None
-        else:
-            s, t = 1.0 + 0.0 * s, 0.0 * t
-            layer.output[0] = x
-            b = None if not has_b else b
-            extra = ([("Mul", p["a"]), ("Add", p["c"])] if form == "muladd" else
-                     [("Sub", p["mu"]), ("Mul", p["a"]), ("Add", p["beta"])])
-        graph.initializer.remove(init[layer.input[1]])
-        graph.initializer.append(_const(layer.input[1], w, dtype))
-        if has_b:
-            graph.initializer.remove(init[layer.input[2]])
-        if b is not None and layer.op_type != "MatMul":
-            del layer.input[2:]
-            layer.input.append(f"{key}/b")
-            graph.initializer.append(_const(f"{key}/b", b, dtype))
-        elif layer.op_type == "MatMul" and form == "fold":
-            extra = [("Add", b)]
-        elif b is None and has_b:
-            del layer.input[2:]
-        if form == "nhwc_bias":
-            new_nodes += [helper.make_node("Transpose", [layer.output[0]], [f"{key}/t"], perm=[0, 2, 3, 1]),
-                          helper.make_node("Add", [f"{key}/t", f"{key}/c"], [f"{key}/tb"]),
-                          helper.make_node("Transpose", [f"{key}/tb"], [key], perm=[0, 3, 1, 2])]
-            graph.initializer.append(_const(f"{key}/c", shift, dtype))
-            sites[layer.output[0]] = (key, s, t)
-            continue
-        prev = layer.output[0]
-        for k, (op, value) in enumerate(extra):
-            out = key if k == len(extra) - 1 else f"{key}/{op}{k}"
-            graph.initializer.append(_const(f"{key}/{op}{k}.c", value.reshape(shape), dtype))
-            new_nodes.append(helper.make_node(op, [prev, f"{key}/{op}{k}.c"], [out]))
-            prev = out
-        sites[layer.output[0]] = (key, s, t)
+        after, site, s, t = _fold_one(graph, init, node, p, form, dtype)
+        new_nodes += after
+        sites[site] = (node.output[0], s, t)
     del graph.node[:]
     graph.node.extend(new_nodes)
     for bn in (p["bn"] for p in params.values()):
@@ -167,15 +232,16 @@ def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def check_twin(kept: onnx.ModelProto, a: np.ndarray, b: np.ndarray, form: str = "fold",
-               tol: float = 1e-4, **unfold_options) -> ot.UnfoldResult:
+               tol: float = 2e-5, keep: tuple[str, ...] = (), **unfold_options) -> ot.UnfoldResult:
     """Identity, closed-form statistics and equivalence of ``unfold`` on the folded twin.
 
     ``tol``: the allowed differences, relative to the output RMS (identity: tol / 20) and
-    to each channel's standard deviation (statistics).
+    to each channel's standard deviation (statistics); ``keep``: BNs left unfolded (they are
+    recalibrated alongside the inserted ones).
     """
     name = kept.graph.input[0].name
     ka = ot.recalibrate(kept, a, batch_size=16).model
-    folded, sites = fold(ka, form)
+    folded, sites = fold(ka, form, keep)
     onnx.checker.check_model(folded)
     result = ot.unfold(folded, a, batch_size=16, bn_eps=EPS, **unfold_options)
     assert sorted(s.output for s in result.sites) == sorted(sites)
