@@ -25,6 +25,7 @@ from tests.onnx_tools.unfold_twins import (
     closed_form,
     cnn,
     fold,
+    ir3,
     run,
     scale_weight,
     source_target,
@@ -177,10 +178,33 @@ def test_nhwc_convolutions_behind_transposes(form):
     assert all(s.op_type == "Conv" for s in result.sites)  # the MatMul head stays out
 
 
-@pytest.mark.parametrize("opset,ir", [(11, 6), (13, 7), (15, 8), (18, 8), (21, 10), (23, 11), (25, 12)])
+@pytest.mark.parametrize("opset,ir", [(7, 3), (9, 3), (11, 6), (13, 7), (15, 8), (18, 8), (21, 10),
+                                      (23, 11), (25, 12)])
 def test_opsets(images, opset, ir):
+    """BN-7/9/15 models; IR 3 (initializers are graph inputs: the BN's tensors are Constants)."""
     a, b = images
-    check_twin(cnn(opset, ir), a[:32], b[:32], "onnxsim" if opset % 2 else "fold")
+    kept = ir3(cnn(opset, ir)) if ir < 4 else cnn(opset, ir)
+    result = check_twin(kept, a[:32], b[:32], "onnxsim" if opset % 2 else "fold")
+    constants = {n.output[0] for n in result.model.graph.node if n.op_type == "Constant"}
+    assert all((name in constants) == (ir < 4) for bn in result.inserted for name in bn.tensors.values())
+
+
+def test_weights_in_constant_nodes(images):
+    """paddle2onnx writes weights as Constant nodes: sites, identity and statistics as usual."""
+    a, b = images
+    ka = ot.recalibrate(cnn(), a, batch_size=16).model
+    folded, sites = fold(ka)
+    nodes = [onnx.helper.make_node("Constant", [], [t.name], value=t) for t in folded.graph.initializer]
+    nodes += list(folded.graph.node)
+    del folded.graph.initializer[:], folded.graph.node[:]
+    folded.graph.node.extend(nodes)
+    result = ot.unfold(folded, a, batch_size=16, bn_eps=EPS)
+    assert [s.output for s in result.sites] == CNN_SITES
+    ref = run(folded, {"x": b[:8]})
+    np.testing.assert_allclose(run(result.model, {"x": b[:8]}), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    for key, (mean, var) in closed_form(ka, sites).items():
+        np.testing.assert_allclose(result.statistics[key][0], mean, rtol=0, atol=2e-5 * np.sqrt(var).max())
+        np.testing.assert_allclose(result.statistics[key][1], var, rtol=1e-4)
 
 
 def _keep_io_types(model: onnx.ModelProto) -> onnx.ModelProto:

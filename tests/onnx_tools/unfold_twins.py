@@ -210,7 +210,20 @@ def fold(kept: onnx.ModelProto, form: str = "fold", keep: tuple[str, ...] = ()) 
         for name in bn.input[1:]:
             if name in init:
                 graph.initializer.remove(init[name])
+    if model.ir_version < 4:  # IR 3: every initializer is also a graph input
+        data = [i for i in graph.input if i.name not in init]
+        del graph.input[:]
+        graph.input.extend(data + [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                   for t in graph.initializer])
     return model, sites
+
+
+def ir3(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` as IR 3 requires it: every initializer also a graph input."""
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    return model
 
 
 def closed_form(ka: onnx.ModelProto, sites: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
