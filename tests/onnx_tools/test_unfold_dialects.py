@@ -163,10 +163,11 @@ nhwc (float[N,8,8,3] x) => (float[N,4] y) {
 """
 
 
-@pytest.mark.parametrize("form", ["fold", "nhwc_bias"])
+@pytest.mark.parametrize("form", ["fold", "nhwc_bias", "keras"])
 def test_nhwc_convolutions_behind_transposes(form):
     """tf2onnx without its transpose optimizer: NCHW convs between NHWC Transposes; the BN
-    goes on the conv's NCHW output, also when the fold's shift is an NHWC BiasAdd."""
+    goes on the conv's NCHW output, also when the fold's shift is an NHWC BiasAdd or the
+    whole BN is NHWC arithmetic (Keras 3's export)."""
     rng = np.random.default_rng(1)
     init = {"w1": rng.normal(size=(6, 3, 3, 3)), "bias1": rng.normal(size=6),
             "w2": rng.normal(size=(6, 1, 3, 3)), "wf": rng.normal(size=(6, 4))}

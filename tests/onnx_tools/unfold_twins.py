@@ -13,12 +13,14 @@
   (W * a, b * a) and leaves the Add; one without a bias takes both; a ConvTranspose neither;
 * ``"submuladd"``: Sub(mu) -> Mul(a) -> Add(beta) after the layer (onnxsim on a BN
   decomposed as Sub/Mul/Mul/Add merges the two Muls);
+* ``"keras"``: nothing folded, the BN written as NHWC Sub/Mul/Add by (C,) constants behind a
+  Transpose (Keras 3's own ONNX export, ``tests/corpus/test_unfold_keras.py``);
 * ``"nhwc_bias"``: the BN folded into the conv's weights, its shift left as an NHWC BiasAdd
   behind a Transpose pair (the conv output, the site, is then z = y - c per channel).
 
 The last node of each form writes the BN's output name. unfold inserts its BN on the layer's
 output z, which is s * x + t per channel with x the BN's input in K (``fold``: s = a,
-t = c; ``muladd``/``submuladd``: z = x; ``onnxsim``: s = a; ``nhwc_bias``: s = a, t = -a b);
+t = c; ``muladd``/``submuladd``/``keras``: z = x; ``onnxsim``: s = a; ``nhwc_bias``: s = a, t = -a b);
 :func:`closed_form` gives the statistics unfold must insert there from the recalibrated K:
 mean = s * mu + t, var = s^2 * v (for ``fold``: beta and g^2 v / (v + eps)). The folding is
 written here, independently of ``onnx_tools``.
@@ -160,6 +162,15 @@ def _fold_one(graph: onnx.GraphProto, init: dict, node: onnx.NodeProto, p: dict,
         w, b, t = scale_weight(layer, w, p["a"]), b * p["a"], 0.0 * t
         layer.output[0] = f"{key}/z"
         extra = [("Add", p["c"])]
+    elif form == "keras":  # the whole BN as NHWC arithmetic behind a Transpose, nothing folded
+        s, t, b = 1.0 + 0.0 * s, 0.0 * t, b if has_b else None
+        layer.output[0] = x
+        ops = (("Sub", p["mu"]), ("Mul", p["a"]), ("Add", p["beta"]))
+        names = [f"{key}/t", *(f"{key}/{op}" for op, _ in ops)]
+        after = [helper.make_node("Transpose", [x], [names[0]], perm=[0, 2, 3, 1])]
+        after += [helper.make_node(op, [names[k], f"{key}/{op}.c"], [names[k + 1]]) for k, (op, _) in enumerate(ops)]
+        after.append(helper.make_node("Transpose", [names[-1]], [key], perm=[0, 3, 1, 2]))
+        graph.initializer.extend(_const(f"{key}/{op}.c", value, dtype) for op, value in ops)
     else:
         s, t = 1.0 + 0.0 * s, 0.0 * t
         layer.output[0] = x
