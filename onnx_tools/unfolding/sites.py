@@ -48,7 +48,7 @@ import numpy as np
 import onnx
 
 from onnx_tools.errors import OptionError
-from onnx_tools.graph import GraphIndex, attribute, constant_value, tensor_type_and_dims
+from onnx_tools.graph import GraphIndex, attribute, constant_tensors, constant_value, tensor_type_and_dims
 from onnx_tools.options import arg, checked
 
 #: Convolutions (always candidates) and fully connected layers (with ``linear_sites``).
@@ -183,27 +183,6 @@ def _reaches_output(index: GraphIndex, start: str) -> bool:
     return False
 
 
-def _constant_tensors(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
-    """Initializers, Constant outputs, and outputs of nodes whose inputs are all constant.
-
-    Exporters alias deduplicated weights through Identity nodes (TorchScript:
-    ``bias = Identity(other_bias)``): those are constants too.
-    """
-    const = set(index.initializers)
-    for node in model.graph.node:
-        if node.op_type == "Constant" or (
-            node.input and all(n in const for n in node.input if n) and not any(
-                True for _ in _subgraph_attrs(node))
-        ):
-            const.update(o for o in node.output if o)
-    return const
-
-
-def _subgraph_attrs(node: onnx.NodeProto):
-    return (a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH,
-                                                    onnx.AttributeProto.GRAPHS))
-
-
 def _pooled_tensors(model: onnx.ModelProto, const: set[str]) -> set[str]:
     """Rule 3: tensors derived from a global pooling through shape-keeping operators.
 
@@ -326,7 +305,7 @@ def find_sites(
     exc = _compile(sites_exclude, "sites_exclude")
     index = GraphIndex(model)
     out_types = _output_types(model) if linear_sites else {}
-    const = _constant_tensors(model, index)
+    const = constant_tensors(model, index)
     pooled = _pooled_tensors(model, const)
     sites = []
     for site in _candidates(model, index, linear_sites, out_types):
