@@ -28,6 +28,7 @@ help:
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
 	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the tables in docs/performance.md"
 	@echo "make docs        build the reference site (mkdocs --strict, API reference) into site/ and check its links offline"
+	@echo "make golden-porting  remake tests/porting/golden with TF and Paddle in their own venvs (~1.5 GB)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -114,6 +115,7 @@ bench: $(STAMP_FW)
 	$(PY) benchmarks/bench_process.py
 	$(PY) benchmarks/bench_graph.py --models resnet_like resnet18 mobilenet_v3_small
 	$(PY) benchmarks/bench_images.py
+	$(PY) benchmarks/bench_unfold.py --passes
 	$(PY) scripts/update_readme.py
 
 # The site's home page is README.md; pages are docs/*.md; scripts/mkdocs_hooks.py and
@@ -121,6 +123,15 @@ bench: $(STAMP_FW)
 docs: $(STAMP_DOCS)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(PY) scripts/check_docs_links.py
+
+# Raw TF fused batch norm and Paddle are not in the test environment: their outputs for the
+# porting tests are golden vectors, made here in one venv per framework (pinned as measured).
+.PHONY: golden-porting
+golden-porting:
+	$(PYTHON) -m venv .venv-tf && .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
+	PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 .venv-tf/bin/python -m tests.porting.generate_golden tf
+	$(PYTHON) -m venv .venv-paddle && .venv-paddle/bin/pip install -q paddlepaddle==3.3.1
+	PYTHONPATH=. .venv-paddle/bin/python -m tests.porting.generate_golden paddle
 
 clean:
 	rm -rf site $(VENV) $(foreach e,$(REF_ENVS),.venv-$(e)) .pytest_cache .hypothesis .ruff_cache *.egg-info

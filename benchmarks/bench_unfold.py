@@ -6,11 +6,13 @@ batch 64), in one process and alternating, so the ratios compare like with like 
 machine:
 
 * ``recalibrate``: one ``onnx_tools.recalibrate`` of the BN-kept export (the reference cost);
-* ``unfold``: ``onnx_tools.unfold`` of the folded export (D passes, D = BN depth);
+* ``unfold``: ``onnx_tools.unfold`` of the folded export (cached waves, the default); with
+  ``--passes`` also ``unfold_passes`` (``waves=False``: D passes from the inputs, D = BN
+  depth), the cost the waves remove;
 * inference: ``session.run`` of the folded and the unfolded model (default session options,
   as deployed), medians over rounds; and per op type from onnxruntime's profiler, plus the
   number of BatchNormalization nodes left after onnxruntime's optimizer (0: all fused);
-* peak RSS of the process (``ru_maxrss``) after the runs.
+* the activation cache's peak size on disk, and the process's peak RSS (``ru_maxrss``).
 
 Usage: ``python benchmarks/bench_unfold.py [--images 512] [--side 224] [--rounds 2]`` writes
 ``benchmarks/results/unfold.json``; ``--markdown`` prints the docs table from it.
@@ -37,6 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx_tools as ot  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_images import _cpu_model  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "unfold.json"
 MODELS = ("resnet18", "mobilenet_v3_small")
@@ -86,7 +91,7 @@ def inference(path: str, x: np.ndarray, rounds: int, tmp: Path) -> dict:
             "per_op_s": dict(per_op.most_common())}
 
 
-def run(images: int, side: int, batch: int, rounds: int) -> dict:
+def run(images: int, side: int, batch: int, rounds: int, passes: bool = False) -> dict:
     rng = np.random.default_rng(0)
     data = (rng.normal(size=(images, 3, side, side)) * rng.uniform(0.5, 1.5, (images, 1, 1, 1))).astype(np.float32)
     results: dict = {}
@@ -96,7 +101,9 @@ def run(images: int, side: int, batch: int, rounds: int) -> dict:
         for name in MODELS:
             kept, folded = export(name, side, tmp)
             times: dict[str, list[float]] = {"recalibrate": [], "unfold": []}
-            passes = sites = 0
+            if passes:
+                times["unfold_passes"] = []
+            depth = sites = cache = 0
             for _ in range(rounds):
                 t = time.perf_counter()
                 ot.recalibrate(str(kept), str(tmp / "data.npy"), output=str(tmp / "r.onnx"), batch_size=batch)
@@ -104,13 +111,18 @@ def run(images: int, side: int, batch: int, rounds: int) -> dict:
                 t = time.perf_counter()
                 res = ot.unfold(str(folded), str(tmp / "data.npy"), output=str(tmp / "u.onnx"), batch_size=batch)
                 times["unfold"].append(time.perf_counter() - t)
-                passes, sites = res.passes, len(res.inserted)
+                depth, sites, cache = res.passes, len(res.inserted), res.cache_peak_bytes
+                if passes:
+                    t = time.perf_counter()
+                    ot.unfold(str(folded), str(tmp / "data.npy"), batch_size=batch, waves=False)
+                    times["unfold_passes"].append(time.perf_counter() - t)
             x = data[:batch]
             inf_f = inference(str(folded), x, 10, tmp)
             inf_u = inference(str(tmp / "u.onnx"), x, 10, tmp)
             med = {k: statistics.median(v) for k, v in times.items()}
             results[name] = {
-                "sites": sites, "passes": passes, "seconds": med, "all_seconds": times,
+                "sites": sites, "depth": depth, "cache_peak_mb": cache / 2**20,
+                "seconds": med, "all_seconds": times,
                 "unfold_over_recalibrate": med["unfold"] / med["recalibrate"],
                 "inference": {"folded": inf_f, "unfolded": inf_u,
                               "unfolded_over_folded": inf_u["median_s"] / inf_f["median_s"]},
@@ -118,7 +130,7 @@ def run(images: int, side: int, batch: int, rounds: int) -> dict:
             print(name, json.dumps({k: v for k, v in results[name].items() if k != "inference"}),
                   f"inference ratio {results[name]['inference']['unfolded_over_folded']:.3f}",
                   "BN left", inf_u["bn_left_after_optimizer"], flush=True)
-    return {"machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+    return {"machine": {"cpu": _cpu_model(), "python": platform.python_version()},
             "images": images, "side": side, "batch_size": batch, "rounds": rounds,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "models": results}
@@ -126,14 +138,18 @@ def run(images: int, side: int, batch: int, rounds: int) -> dict:
 
 def markdown(data: dict) -> str:
     lines = [f"{data['images']} images {data['side']}x{data['side']}, batch {data['batch_size']}, "
-             f"median of {data['rounds']} alternating rounds; peak RSS {data['peak_rss_mb']:.0f} MB.", "",
-             "| model | sites | passes | recalibrate (BN kept) | unfold (folded) | unfold / recalibrate "
-             "| inference unfolded / folded | BN left after onnxruntime's optimizer |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"median of {data['rounds']} alternating round(s) on {data['machine']['cpu']}; peak RSS of "
+             f"the process {data['peak_rss_mb']:.0f} MB.", "",
+             "| model | sites | depth | recalibrate (BN kept) | unfold (folded) | unfold / recalibrate "
+             "| D passes / recalibrate | cache peak on disk | inference unfolded / folded "
+             "| BN left after onnxruntime's optimizer |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in data["models"].items():
         s = r["seconds"]
-        lines.append(f"| {name} | {r['sites']} | {r['passes']} | {s['recalibrate']:.1f} s | {s['unfold']:.1f} s "
-                     f"| {r['unfold_over_recalibrate']:.1f}x | {r['inference']['unfolded_over_folded']:.2f}x "
+        passes = (f"{s['unfold_passes'] / s['recalibrate']:.1f}x" if "unfold_passes" in s else "not run")
+        lines.append(f"| {name} | {r['sites']} | {r['depth']} | {s['recalibrate']:.1f} s | {s['unfold']:.1f} s "
+                     f"| {r['unfold_over_recalibrate']:.2f}x | {passes} | {r['cache_peak_mb']:.0f} MB "
+                     f"| {r['inference']['unfolded_over_folded']:.2f}x "
                      f"| {r['inference']['unfolded']['bn_left_after_optimizer']} |")
     return "\n".join(lines)
 
@@ -144,13 +160,14 @@ def main() -> int:
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--passes", action="store_true", help="also time waves=False (D passes)")
     parser.add_argument("--output", type=Path, default=OUT)
     parser.add_argument("--markdown", action="store_true", help="print the table from --output")
     args = parser.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.output.read_text())))
         return 0
-    data = run(args.images, args.side, args.batch_size, args.rounds)
+    data = run(args.images, args.side, args.batch_size, args.rounds, args.passes)
     args.output.write_text(json.dumps(data, indent=2) + "\n")
     print(markdown(data))
     return 0

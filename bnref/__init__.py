@@ -5,7 +5,9 @@ Where each concept lives:
 * ``bnref.moments``      — ``Moments``: per-channel count/mean/M2, accurate shifted sums and exact merge.
 * ``bnref.forward``      — ``batch_norm_train`` / ``batch_norm_eval``.
 * ``bnref.backward``     — ``batch_norm_train_backward`` / ``batch_norm_eval_backward``.
-* ``bnref.conventions``  — each framework's momentum/eps/Bessel/axis conventions as data.
+* ``bnref.conventions``  — each framework's momentum/eps/Bessel/axis conventions as data, and
+  ``convert`` to port BN parameters between them (its arithmetic: ``bnref.porting``).
+* ``bnref.vectors``      — ``python -m bnref.vectors``: test vectors (.npz + JSON) for any language.
 * ``bnref.precise``      — ``PreciseBN`` (Precise BatchNorm aggregation) and ``blend_prior``.
 * ``bnref.ghost``        — ghost (virtual) BN and per-domain BN.
 * ``bnref.runtime``      — threads, tuning and the memory the kernels keep between calls.

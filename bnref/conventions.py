@@ -15,6 +15,9 @@ The math lives once in bnref; a ``Convention`` only says how a framework paramet
   ``E[x**2] - E[x]**2`` (clipped at 0) instead of two-pass; differs from bnref only by that
   formula's cancellation error (large when |mean| >> std).
 
+``convert`` ports a layer's parameters from one convention to another with identical inference
+outputs (its arithmetic is ``bnref.porting``; the traps it handles are in docs/porting.md).
+
 Sources are in each record's ``source`` and in the conventions table of docs/conventions.md; every value
 is checked against the live framework by the conformance suite (``tests/conformance``, whose
 results are in ``docs/conformance.md``).
@@ -27,7 +30,9 @@ from typing import Literal
 
 import numpy as np
 
+from bnref._validation import check_eps
 from bnref.moments import Moments
+from bnref.porting import Converted, absorb_eps, check_parameters, convert_momentum
 
 __all__ = [
     "Convention",
@@ -41,6 +46,8 @@ __all__ = [
     "PADDLE",
     "ALL",
     "by_name",
+    "convert",
+    "Converted",
 ]
 
 
@@ -71,8 +78,11 @@ class Convention:
         return m if self.momentum_weights == "batch" else 1.0 - m
 
     def effective_eps(self, eps: float | None = None) -> float:
-        """The eps the framework really uses (its default, floored at ``min_eps``)."""
-        e = self.eps if eps is None else float(eps)
+        """The eps the framework really uses (its default, floored at ``min_eps``).
+
+        A given ``eps`` must be finite and >= 0 (a negative one is refused, not floored).
+        """
+        e = self.eps if eps is None else check_eps(eps)
         return max(e, self.min_eps)
 
     def batch_var_for_running(self, batch: Moments) -> np.ndarray:
@@ -271,3 +281,59 @@ def by_name(name: str) -> Convention:
         if c.name == name.lower():
             return c
     raise ValueError(f"unknown convention {name!r}; known: {', '.join(c.name for c in ALL)}")
+
+
+_SOURCE_DEFAULT = object()  # "omitted": distinct from None, PyTorch's cumulative average
+
+
+def _resolve(c: Convention | str, name: str) -> Convention:
+    if isinstance(c, Convention):
+        return c
+    if isinstance(c, str):
+        return by_name(c)
+    raise TypeError(f"{name} must be a Convention or its name, got {type(c).__name__}")
+
+
+def convert(
+    scale: np.ndarray,
+    bias: np.ndarray,
+    mean: np.ndarray,
+    var: np.ndarray,
+    *,
+    source: Convention | str,
+    target: Convention | str,
+    source_eps: float | None = None,
+    target_eps: float | None = None,
+    source_momentum: float | None | object = _SOURCE_DEFAULT,
+) -> Converted:
+    """Port a BN layer's ``(C,)`` parameters from ``source``'s convention to ``target``'s.
+
+    Returns ``Converted(scale, bias, mean, var, eps, momentum)`` such that the target's
+    inference output ``(x - mean) / sqrt(var + eps) * scale + bias`` equals the source's, per
+    channel (float64: within 8 ulp of ``|scale| (1 + |x_hat|) + |bias|``; the arrays come back
+    in their input dtypes). ``eps`` is ``target_eps`` (default ``target.eps``) as the target
+    really uses it (floored at the convention's ``min_eps``, if any); the source's eps is likewise
+    ``source.effective_eps(source_eps)``. The eps difference goes into ``var`` where it stays
+    >= 0, else into ``scale``, per channel (``bnref.porting.absorb_eps``). ``mean`` and
+    ``bias`` are unchanged, and the stored variance is otherwise carried as it is (biased or
+    unbiased storage matters to the update rule, not to inference).
+
+    ``momentum`` is ``source_momentum`` (omitted: the source's default) in the target's
+    meaning: PyTorch's 0.1 is ONNX's/Keras' 0.9. ``source_momentum=None`` is PyTorch's
+    cumulative average (``BatchNorm2d(momentum=None)``), which has no EMA equivalent: refused.
+    Training-mode outputs cannot match when the eps differs (docs/porting.md).
+    """
+    src, tgt = _resolve(source, "source"), _resolve(target, "target")
+    if source_momentum is None:
+        raise ValueError(
+            f"source_momentum=None is a cumulative moving average ({src.name} momentum=None): no "
+            f"exponential-moving-average momentum of {tgt.name} reproduces it; pass a number"
+        )
+    m_s = src.momentum if source_momentum is _SOURCE_DEFAULT else source_momentum
+    if not isinstance(m_s, (int, float, np.floating, np.integer)) or isinstance(m_s, bool):
+        raise TypeError(f"source_momentum must be a number, got {type(m_s).__name__}")
+    momentum = convert_momentum(src.batch_weight(m_s), tgt.momentum_weights)
+    scale, bias, mean, var = check_parameters(scale, bias, mean, var)
+    e_s, e_t = src.effective_eps(source_eps), tgt.effective_eps(target_eps)
+    scale_t, var_t = absorb_eps(scale, var, e_s, e_t)
+    return Converted(scale_t, bias, mean, var_t, e_t, momentum)

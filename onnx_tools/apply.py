@@ -139,7 +139,8 @@ def _write(
     return None, name
 
 
-def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    """Set ``metadata_props`` entries (replacing those with the same key)."""
     existing = {p.key: p for p in model.metadata_props}
     for key, value in values.items():
         if key in existing:
@@ -307,6 +308,6 @@ def apply_stats(
     _insert_nodes(out, inserts)
     meta, props = _provenance(stats, est, bes, prior_strength)
     meta["notes"] = [*meta["notes"], *notes]
-    _set_metadata(out, props)
+    set_metadata(out, props)
     logger.debug("wrote %d tensors, added %d", len(written), len(added))
     return ApplyResult(out, DriftReport(rows, meta), written, added, analysis.loaded)

@@ -47,6 +47,8 @@ CLI_FLAGS = {
     "image_options.skip_bad_images": "--skip-bad-images",
     "image_options.exif_transpose": "--image-exif-transpose",
     "image_options.jpeg_draft": "--no-jpeg-draft",
+    "source": "--source", "bn_eps": "--bn-eps", "sites_include": "--sites-include",
+    "sites_exclude": "--sites-exclude", "linear_sites": "--linear-sites", "cache_dir": "--cache-dir",
 }
 
 _CLI = [False]  # set by cli_interface() around a command-line run

@@ -25,7 +25,7 @@ from onnx_tools.batchnorms import (
 from onnx_tools.collection import collect
 from onnx_tools.errors import OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_keywords, check_prior_strength, checked
+from onnx_tools.options import arg, check_keywords, check_prior_strength, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
@@ -118,13 +118,14 @@ def recalibrate(
     sites_include: str | None = None,
     sites_exclude: str | None = None,
     linear_sites: bool = False,
+    cache_dir: str | os.PathLike | None = None,
     **collect_options: Any,
 ) -> RecalibrationResult:
     """Collect Precise BatchNorm statistics over ``data`` and write them into ``model``.
 
     With ``source`` the model's BN was folded away at export: it is first unfolded with
     ``source`` data (:func:`onnx_tools.unfold`; ``bn_eps``, ``sites_include``,
-    ``sites_exclude`` and ``linear_sites`` go there, as do the collection options but
+    ``sites_exclude``, ``linear_sites`` and ``cache_dir`` go there, as do the collection options but
     ``include``/``exclude``), then recalibrated on ``data``.
 
     ``collect_options`` are those of :func:`onnx_tools.collection.collect` (``batch_size=64``,
@@ -134,12 +135,12 @@ def recalibrate(
     ``output``); an output that is a file the run reads is refused (:mod:`onnx_tools.reads`).
     """
     given = {"bn_eps": bn_eps, "sites_include": sites_include, "sites_exclude": sites_exclude,
-             "linear_sites": linear_sites or None}
+             "linear_sites": linear_sites or None, "cache_dir": cache_dir}
     unfold_options = {k: v for k, v in given.items() if v is not None}
     check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
     if unfold_options and source is None:
-        raise OptionError(f"{', '.join(sorted(unfold_options))} applies to folded models: "
-                          "give source (the data to unfold with)")
+        raise OptionError(f"{', '.join(arg(k) for k in sorted(unfold_options))} applies to "
+                          f"folded models: give {arg('source')} (the data to unfold with)")
     analysis = analyze_model(model)
     unfolded = None
     check_prior_strength(prior_strength)  # fail before collecting, not after

@@ -25,6 +25,7 @@ SHOTS = {
     "home": ("index.html", 5200),
     "cli": ("cli.html", 9000),
     "folded": ("folded.html", 1800),
+    "unfold": ("unfold.html", 9000),
     "errors": ("errors.html", 1400),
     "conventions": ("conventions.html", 2600),
     "estimators": ("estimators.html", 1800),

@@ -167,7 +167,7 @@ def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) ->
 
 def _unfold_kwargs(args: argparse.Namespace) -> dict:
     given = {"sites_include": args.sites_include, "sites_exclude": args.sites_exclude,
-             "bn_eps": args.bn_eps}
+             "bn_eps": args.bn_eps, "cache_dir": args.cache_dir}
     return {**{k: v for k, v in given.items() if v is not None},
             "linear_sites": args.linear_sites}
 
@@ -194,8 +194,8 @@ def _cmd_unfold(args: argparse.Namespace) -> int:
     result = unfold(args.model, args.data, output=None if args.in_place else targets.output,
                     in_place=args.in_place, **_unfold_kwargs(args), **_collect_kwargs(args))
     if not args.quiet:
-        _print(f"inserted {len(result.inserted)} BatchNormalization(s) (depth {result.passes}: "
-               f"{result.passes} pass(es) over {result.num_samples} source samples, "
+        _print(f"inserted {len(result.inserted)} BatchNormalization(s), {result.passes} deep "
+               f"(statistics of {result.num_samples} source samples, exact at every depth; "
                f"eps {result.bn_eps:g})")
         _print(f"wrote {args.model if args.in_place else args.output}")
     return 0

@@ -152,6 +152,9 @@ def _add_unfold(p: argparse.ArgumentParser) -> None:
                    help="also Gemm/MatMul layers (a BN1d folded into a fully connected layer)")
     g.add_argument("--bn-eps", type=_positive_float, metavar="E", default=None,
                    help="epsilon of the inserted BNs (default 1e-5; see docs/unfold.md)")
+    g.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="where activations are cached between waves (default: the system's "
+                   "temporary folder; removed at the end)")
 
 
 def _positive_float(text: str) -> float:

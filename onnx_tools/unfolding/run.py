@@ -33,12 +33,13 @@ import onnx
 
 import bnref
 from onnx_tools.analysis import ModelAnalysis, ModelLike, analyze_model
+from onnx_tools.apply import set_metadata
 from onnx_tools.batchnorms import find_batchnorms
 from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
 from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import check_keywords, checked
+from onnx_tools.options import arg, check_keywords, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
@@ -95,10 +96,10 @@ class UnfoldResult:
 def check_bn_eps(bn_eps: Any) -> float:
     """``bn_eps`` as a float if it is a finite number > 0."""
     if isinstance(bn_eps, bool) or not isinstance(bn_eps, int | float | np.floating):
-        raise OptionError(f"bn_eps must be a number > 0, got {bn_eps!r}")
+        raise OptionError(f"{arg('bn_eps')} must be a number > 0, got {bn_eps!r}")
     value = float(bn_eps)
     if not np.isfinite(value) or value <= 0:
-        raise OptionError(f"bn_eps must be a finite number > 0, got {bn_eps!r}")
+        raise OptionError(f"{arg('bn_eps')} must be a finite number > 0, got {bn_eps!r}")
     return value
 
 
@@ -107,8 +108,9 @@ def _replayable(data: Any) -> None:
     if isinstance(data, str | os.PathLike | np.ndarray | Mapping | list | tuple | DataSource):
         return
     raise OptionError(
-        f"unfold reads the source data once per depth level; a {type(data).__name__} can be "
-        "read only once: pass a path, an array, a mapping of arrays or a list of feed dicts"
+        f"unfold with waves=False reads the source data once per depth level; a "
+        f"{type(data).__name__} can be read only once: pass a path, an array, a mapping of "
+        "arrays or a list of feed dicts, or use the default waves=True"
     )
 
 
@@ -172,16 +174,6 @@ def _provenance(result: UnfoldResult, estimator: str) -> dict[str, str]:
     }
 
 
-def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in values.items():
-        if key in existing:
-            existing[key].value = value
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, value
-
-
 def unfold_model(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -205,17 +197,18 @@ def unfold_model(
     """
     for name in _REFUSED:
         if name in collect_options:
-            raise OptionError(f"unfold does not take {name}: every pass reads all of the "
-                              "source data with every BatchNormalization in training mode")
+            raise OptionError(f"unfold does not take {arg(name)}: it reads all of the source "
+                              "data with every BatchNormalization in training mode")
     bn_eps = check_bn_eps(bn_eps)
-    _replayable(data)
+    if not waves:
+        _replayable(data)  # the waves read the source once; D passes read it D times
     analysis = analyze_model(model)
     sites = find_sites(analysis.model, sites_include=sites_include, sites_exclude=sites_exclude,
                        linear_sites=linear_sites)
     if not sites:
         raise ModelError("found no folded layer to unfold (no Conv/ConvTranspose outside the "
-                         "rules of `bnref-onnx inspect`; Gemm/MatMul need linear_sites, "
-                         "--linear-sites; name them with sites_include, --sites-include)")
+                         f"rules of `bnref-onnx inspect`; Gemm/MatMul need {arg('linear_sites')}; "
+                         f"name layers with {arg('sites_include')})")
     work, inserted = insert_batchnorms(analysis.model, sites, bn_eps)
     if waves:
         run = run_waves(work, analysis.loaded, inserted, data, bn_eps, collect_options,
@@ -231,7 +224,7 @@ def unfold_model(
         result = UnfoldResult(work, inserted, statistics, passes, bn_eps, stats.data_fingerprint,
                               stats.num_samples, analysis.loaded, list(stats.notes))
         estimator = stats.estimator
-    _set_metadata(work, _provenance(result, estimator))
+    set_metadata(work, _provenance(result, estimator))
     return result
 
 
@@ -256,9 +249,10 @@ def unfold(
 ) -> UnfoldResult:
     """Unfold ``model`` with source ``data`` and write it to ``output`` (or ``in_place``).
 
-    ``options``: ``bn_eps`` (eps' of the inserted BNs, default :data:`DEFAULT_BN_EPS`),
-    ``sites_include``/``sites_exclude`` (regular expressions on node or output names),
-    ``linear_sites`` (Gemm/MatMul too), and :func:`~onnx_tools.collection.collect`'s options
+    ``bn_eps``: eps' of the inserted BNs (default :data:`DEFAULT_BN_EPS`);
+    ``sites_include``/``sites_exclude``: regular expressions on node or output names that add
+    or remove sites; ``linear_sites``: Gemm/MatMul too; ``waves``/``cache_dir``: see
+    :func:`unfold_model`; ``collect_options``: :func:`~onnx_tools.collection.collect`'s options
     but ``shard``/``include``/``exclude``. The unfolded model equals the input at inference;
     everything it adds is listed in :class:`UnfoldResult` and ``metadata_props``. Outputs
     are checked before any work; the input model is never modified unless ``in_place``.

@@ -27,6 +27,15 @@ the sites are the rule's, minus those ``sites_exclude`` matches, plus every cand
 Gemm and MatMul (a BN1d folded into a fully connected layer) are candidates only with
 ``linear_sites`` (``--linear-sites``); rule 3 does not apply to them (a fully connected layer
 after pooling is where BN1d sits), and a MatMul only where its output is 2-D (N, C).
+
+Partial folds: a layer followed by element-wise Mul/Add/Sub/Div with per-channel constants
+(a BN exported as Mul+Add, or the part of it a simplifier did not fold: onnxsim leaves
+Conv -> Add, Conv -> Sub -> Mul -> Add) is a site whose ``through`` names that chain. The
+chain is a per-channel affine map, so a BN anywhere on it gives the same recalibrated model
+(up to eps'); the BN goes on the layer's own output, where onnxruntime fuses it into the
+layer (it fuses none after a Sub, nor after a ConvTranspose's Mul/Add), and the rules look
+at the chain's end (rule 2 also passes Mul/Div by constants), as do ``sites_include`` and
+``sites_exclude`` (the end is the BN's output name in the BN-kept export).
 """
 
 from __future__ import annotations
@@ -37,11 +46,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from onnx_tools.errors import OptionError
-from onnx_tools.graph import GraphIndex, attribute, constant_value, tensor_type_and_dims
-from onnx_tools.options import checked
+from onnx_tools.graph import GraphIndex, attribute, constant_tensors, constant_value, tensor_type_and_dims
+from onnx_tools.options import arg, checked
 
 #: Convolutions (always candidates) and fully connected layers (with ``linear_sites``).
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -60,6 +68,8 @@ _HEAD_PASS = _AFFINE_PASS | {"Softmax", "LogSoftmax", "Sigmoid", "Mul", "Div", "
 #: Operators whose output is pooled over the spatial axes (rule 3).
 _POOLS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean",
                     "ReduceMax", "ReduceL2", "ReduceSum"})
+#: Element-wise operators of a partial fold's per-channel affine chain (Div: divisor constant).
+_CHAIN_OPS = frozenset({"Mul", "Add", "Sub", "Div"})
 #: BatchNormalization in the default domain.
 _BN = "BatchNormalization"
 
@@ -69,7 +79,9 @@ class Site:
     """One folded layer: a BN goes after node ``index`` (``op_type``) on tensor ``output``.
 
     ``channels``: output channels, the new BN's length; ``elem``: the weights' element type
-    (the inserted BN's tensors take it, so onnxruntime can fold the BN back into the node).
+    (the inserted BN's tensors take it, so onnxruntime can fold the BN back into the node);
+    ``through``: the per-channel Mul/Add/Sub/Div chain of a partial fold after the layer
+    (node names, or outputs where unnamed), ending at tensor ``end`` (``output`` if none).
     """
 
     index: int
@@ -78,6 +90,8 @@ class Site:
     output: str
     channels: int
     elem: int
+    through: tuple[str, ...] = ()
+    end: str = ""
 
     @property
     def label(self) -> str:
@@ -86,19 +100,34 @@ class Site:
 
     def to_dict(self) -> dict:
         """JSON-ready (``inspect --json``, provenance)."""
-        return {"node": self.node_name, "op_type": self.op_type, "output": self.output,
-                "channels": self.channels}
+        out = {"node": self.node_name, "op_type": self.op_type, "output": self.output,
+               "channels": self.channels}
+        if self.through:
+            out["through"] = list(self.through)
+        return out
 
 
 def _weight(index: GraphIndex, name: str) -> np.ndarray | None:
-    """The value of a constant tensor (initializer or Constant node), else None."""
+    """The value of a constant tensor (initializer or Constant node, maybe behind Identity)."""
+    nodes = index.model.graph.node
+    producer = index.producer.get(name)
+    while producer is not None and nodes[producer].op_type == "Identity":
+        name = nodes[producer].input[0]  # exporters alias deduplicated weights
+        producer = index.producer.get(name)
     init = index.initializers.get(name)
     if init is not None:
+        if init.data_location == onnx.TensorProto.EXTERNAL and not init.raw_data:
+            return _external_stub(init)
         return onnx.numpy_helper.to_array(init)
-    producer = index.producer.get(name)
-    if producer is not None and index.model.graph.node[producer].op_type == "Constant":
-        return constant_value(index.model.graph.node[producer])
+    if producer is not None and nodes[producer].op_type == "Constant":
+        return constant_value(nodes[producer])
     return None
+
+
+def _external_stub(init: onnx.TensorProto) -> np.ndarray:
+    """An external initializer not loaded: a zero view of its shape and type (all sites need)."""
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    return np.broadcast_to(np.zeros((), dtype), tuple(init.dims))
 
 
 def _channels(node: onnx.NodeProto, w: np.ndarray, out_dims: list[int | None] | None) -> int | None:
@@ -116,8 +145,8 @@ def _channels(node: onnx.NodeProto, w: np.ndarray, out_dims: list[int | None] | 
     return int(w.shape[1])
 
 
-def _reaches(index: GraphIndex, start: str, through: frozenset[str] | set[str], goal) -> bool:
-    """Whether ``goal(node, input_name)`` holds for a node reached from ``start`` via ``through``."""
+def _reaches(index: GraphIndex, start: str, through, goal) -> bool:
+    """Whether ``goal(node, name)`` holds on a path from ``start`` where ``through`` holds."""
     seen, queue = {start}, deque([start])
     nodes = index.model.graph.node
     while queue:
@@ -126,7 +155,7 @@ def _reaches(index: GraphIndex, start: str, through: frozenset[str] | set[str], 
             node = nodes[i]
             if goal(node, name):
                 return True
-            if node.op_type in through:
+            if through(node, name):
                 for out in node.output:
                     if out and out not in seen:
                         seen.add(out)
@@ -154,27 +183,6 @@ def _reaches_output(index: GraphIndex, start: str) -> bool:
     return False
 
 
-def _constant_tensors(model: onnx.ModelProto, index: GraphIndex) -> set[str]:
-    """Initializers, Constant outputs, and outputs of nodes whose inputs are all constant.
-
-    Exporters alias deduplicated weights through Identity nodes (TorchScript:
-    ``bias = Identity(other_bias)``): those are constants too.
-    """
-    const = set(index.initializers)
-    for node in model.graph.node:
-        if node.op_type == "Constant" or (
-            node.input and all(n in const for n in node.input if n) and not any(
-                True for _ in _subgraph_attrs(node))
-        ):
-            const.update(o for o in node.output if o)
-    return const
-
-
-def _subgraph_attrs(node: onnx.NodeProto):
-    return (a for a in node.attribute if a.type in (onnx.AttributeProto.GRAPH,
-                                                    onnx.AttributeProto.GRAPHS))
-
-
 def _pooled_tensors(model: onnx.ModelProto, const: set[str]) -> set[str]:
     """Rule 3: tensors derived from a global pooling through shape-keeping operators.
 
@@ -192,17 +200,47 @@ def _pooled_tensors(model: onnx.ModelProto, const: set[str]) -> set[str]:
     return pooled
 
 
-def _element_type(model: onnx.ModelProto, w: np.ndarray) -> int:
-    return int(onnx.helper.np_dtype_to_tensor_dtype(w.dtype))
-
-
 def _compile(pattern: str | None, what: str) -> re.Pattern[str] | None:
     if pattern is None:
         return None
     try:
         return re.compile(pattern)
     except re.error as err:
-        raise OptionError(f"invalid {what} regular expression {pattern!r}: {err}") from err
+        raise OptionError(f"invalid {arg(what)} regular expression {pattern!r}: {err}") from err
+
+
+def _per_channel(value: np.ndarray, rank: int, channels: int) -> bool:
+    """Whether a constant broadcast against an (N, C, ...) tensor of ``rank`` is per channel."""
+    if value.ndim > rank:
+        return False
+    shape = (1,) * (rank - value.ndim) + tuple(value.shape)
+    return shape[0] == 1 and shape[1] in (1, channels) and all(d == 1 for d in shape[2:])
+
+
+def _chain(index: GraphIndex, start: str, rank: int, channels: int) -> list[int]:
+    """The per-channel affine chain after a layer output: Mul/Add/Sub/Div by constants.
+
+    Followed while the tensor has one reader and is not a graph output (a BN at the chain's
+    end then changes nothing any other reader sees), and only for constants that broadcast
+    per channel (a per-position constant is not an affine map of a channel's values).
+    """
+    chain, name, nodes = [], start, index.model.graph.node
+    while name not in index.outputs and not index.subgraph_readers.get(name):
+        readers = index.consumers.get(name, [])
+        if len(readers) != 1:
+            break
+        i, slot = readers[0]
+        node = nodes[i]
+        if (node.op_type not in _CHAIN_OPS or node.domain not in ("", "ai.onnx")
+                or len(node.input) != 2 or node.input[0] == node.input[1]
+                or (node.op_type == "Div" and slot != 0)):
+            break
+        other = _weight(index, node.input[1 - slot])
+        if other is None or not _per_channel(other, rank, channels):
+            break
+        chain.append(i)
+        name = node.output[0]
+    return chain
 
 
 def _candidates(model: onnx.ModelProto, index: GraphIndex, linear_sites: bool,
@@ -210,7 +248,8 @@ def _candidates(model: onnx.ModelProto, index: GraphIndex, linear_sites: bool,
     """Every Conv/ConvTranspose (and Gemm/MatMul) with a constant float weight."""
     ops = CONV_OPS + (LINEAR_OPS if linear_sites else ())
     found = []
-    for i, node in enumerate(model.graph.node):
+    nodes = model.graph.node
+    for i, node in enumerate(nodes):
         if node.op_type not in ops or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
             continue
         w = _weight(index, node.input[1])
@@ -219,21 +258,28 @@ def _candidates(model: onnx.ModelProto, index: GraphIndex, linear_sites: bool,
         channels = _channels(node, w, out_types.get(node.output[0], (None, None))[1])
         if channels is None:
             continue
+        chain = _chain(index, node.output[0], w.ndim if node.op_type in CONV_OPS else 2, channels)
         found.append(Site(i, node.name, node.op_type, node.output[0], channels,
-                          _element_type(model, w)))
+                          int(onnx.helper.np_dtype_to_tensor_dtype(w.dtype)),
+                          tuple(nodes[k].name or nodes[k].output[0] for k in chain),
+                          nodes[chain[-1] if chain else i].output[0]))
     return found
 
 
-def _default_rule(index: GraphIndex, site: Site, pooled: set[str]) -> bool:
+def _default_rule(index: GraphIndex, site: Site, pooled: set[str], const: set[str]) -> bool:
     node = index.model.graph.node[site.index]
-    if site.output in index.outputs:
-        return False  # rule 1
-    if _reaches(index, site.output, _AFFINE_PASS,
-                lambda n, name: n.op_type == _BN and n.input[0] == name):
+    if site.end in index.outputs:
+        return False  # rule 1 (a chain stops at a graph output: the layer's output or its end)
+
+    def affine(n: onnx.NodeProto, name: str) -> bool:  # rule 2's path: per-channel affine ops
+        return n.op_type in _AFFINE_PASS or (n.op_type in ("Mul", "Div") and list(
+            n.input).count(name) == 1 and all(k == name or k in const for k in n.input))
+
+    if _reaches(index, site.end, affine, lambda n, name: n.op_type == _BN and n.input[0] == name):
         return False  # rule 2
     if site.op_type in CONV_OPS and node.input[0] in pooled:
         return False  # rule 3
-    return not _reaches_output(index, site.output)  # rule 4
+    return not _reaches_output(index, site.end)  # rule 4
 
 
 def _output_types(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -259,11 +305,12 @@ def find_sites(
     exc = _compile(sites_exclude, "sites_exclude")
     index = GraphIndex(model)
     out_types = _output_types(model) if linear_sites else {}
-    pooled = _pooled_tensors(model, _constant_tensors(model, index))
+    const = constant_tensors(model, index)
+    pooled = _pooled_tensors(model, const)
     sites = []
     for site in _candidates(model, index, linear_sites, out_types):
-        names = (site.node_name, site.output)
-        chosen = _default_rule(index, site, pooled)
+        names = (site.node_name, site.output, site.end)
+        chosen = _default_rule(index, site, pooled, const)
         if exc is not None and any(exc.search(n) for n in names if n):
             chosen = False
         if inc is not None and any(inc.search(n) for n in names if n):
@@ -274,11 +321,11 @@ def find_sites(
 
 
 def _feeds_bn(index: GraphIndex, site: Site) -> bool:
-    """The site's output is already the input of a BatchNormalization (never a site)."""
+    """The site's output (or its chain's end) already feeds a BatchNormalization: never a site."""
     return any(index.model.graph.node[i].op_type == _BN and slot == 0
-               for i, slot in index.consumers.get(site.output, []))
+               for name in {site.output, site.end} for i, slot in index.consumers.get(name, []))
 
 
 def float_elem(elem: int) -> bool:
     """Element types an inserted BN can take (those of onnxruntime's BN kernels)."""
-    return elem in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
+    return elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)

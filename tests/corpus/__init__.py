@@ -10,6 +10,8 @@
   wheel ships with un-folded BatchNormalization, against the same interpreter.
 * ``test_keras_export.py``: Keras 3's own ONNX export writes BN as arithmetic (no BN node), and
   ``inspect`` says so.
+* ``data/onnxsim_*.onnx`` (``make_onnxsim.py``): real onnxsim output, full and partial BN
+  folds, read by ``tests/onnx_tools/test_unfold_dialects.py``.
 
 A representative few run with the rest of the suite (``make test-all``, CI); the others carry
 the ``corpus`` marker (``make test-corpus`` runs everything here). Without torchvision or the

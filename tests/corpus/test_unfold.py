@@ -6,8 +6,8 @@
   exactly those convolutions. The dynamo exporter's default (``optimize=True``, folded) is
   checked by count and op order.
 * **Identity**: the unfolded model equals the folded one at inference on other data.
-* **Equivalence** (ResNet-18; MobileNetV3-small with its BN eps set to 1e-9 before export, as
-  its random-weight channels have variances near 1e-5): K = BN-kept export, K_A = K
+* **Equivalence** (ResNet-18 with its eps; the others, MobileNetV3-small in CI, with their BN
+  eps set to 1e-9 before export, as random-weight channels have variances near 1e-5): K = BN-kept export, K_A = K
   recalibrated on A, F = torch's folded export of K_A's statistics, U = unfold(F, A). Then
   recalibrate(U, B) and recalibrate(K_A, B) agree to 1e-3 of the logits' RMS with top-1
   agreement >= 99% (measured: ResNet-18 8e-4 / 100%, MobileNetV3-small 7e-5 / 100%), while
@@ -110,7 +110,15 @@ def _fold_from(case, ka: onnx.ModelProto, path) -> onnx.ModelProto:
     return _export_folded(model, case.data[: case.batch], path)
 
 
-@pytest.mark.parametrize(("name", "eps"), [("resnet18", None), ("mobilenet_v3_small", 1e-9)])
+#: (architecture, BN eps set before export: None keeps torchvision's). ResNet-18 keeps its 1e-5;
+#: the others get 1e-9, where eps' = eps is exact (random weights leave channels with
+#: variances near 1e-5: see docs/unfold.md for MobileNetV3-small with its own 1e-3).
+EQUIVALENCE = [("resnet18", None), *((n, 1e-9) for n in tc.ARCHITECTURES if n != "resnet18")]
+
+
+@pytest.mark.parametrize(("name", "eps"), [
+    pytest.param(n, e, id=n, marks=[] if n in REPRESENTATIVE else [pytest.mark.corpus])
+    for n, e in EQUIVALENCE])
 def test_adapting_the_unfolded_model_equals_adapting_the_bn_kept_twin(name, eps, tmp_path):
     case = tc.build(name, batch=16, num_batches=4)
     for bn in case.bns.values():
@@ -122,7 +130,9 @@ def test_adapting_the_unfolded_model_equals_adapting_the_bn_kept_twin(name, eps,
     b = (a[rng.permutation(len(a))] * 0.5 + 0.3).astype(np.float32)  # contrast + brightness
     ka = ot.recalibrate(kept, a, batch_size=16).model
     folded = _fold_from(case, ka, tmp_path / "folded.onnx")
-    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    kept_bns = sum(n.op_type == "BatchNormalization" for n in ka.graph.node)
+    left = sum(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    assert left < kept_bns  # folded (DenseNet keeps its BNs after Concat: they stay BNs)
     unfolded = ot.unfold(folded, a, batch_size=16, bn_eps=bn_eps).model
     ref = _run(ot.recalibrate(ka, b, batch_size=16).model, b)
     got = _run(ot.recalibrate(unfolded, b, batch_size=16).model, b)

@@ -209,7 +209,7 @@ def test_errors(twin, tmp_path):
     with pytest.raises(OptionError, match="bn_eps"):
         ot.unfold(folded, a, bn_eps=0)
     with pytest.raises(OptionError, match="read only once"):
-        ot.unfold(folded, iter([{"x": a[:16]}]))
+        ot.unfold(folded, iter([{"x": a[:16]}]), waves=False)
     with pytest.raises(OptionError, match="shard"):
         ot.unfold(folded, a, shard=(0, 2))
     with pytest.raises(ModelError, match="no folded layer"):
@@ -243,6 +243,16 @@ def test_cli(twin, tmp_path):
                          str(folder / "a.npy"), "-o", str(folder / "a.npy"))
     assert rc == 1 and "source data" in err
     assert file_digest(model) == digest
+
+
+def test_waves_read_a_one_shot_reader_once(twin):
+    """The waves read the source once: a generator of feeds works, and gives the same result."""
+    _, _, folded, a, _ = twin
+    from_array = ot.unfold(folded, a, batch_size=16)
+    from_generator = ot.unfold(folded, ({"x": a[i:i + 16]} for i in range(0, len(a), 16)), batch_size=16)
+    for key, (mean, var) in from_array.statistics.items():
+        np.testing.assert_allclose(from_generator.statistics[key][0], mean, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(from_generator.statistics[key][1], var, rtol=1e-6)
 
 
 def test_waves_equal_passes_and_leave_nothing_behind(twin, tmp_path):

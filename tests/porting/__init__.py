@@ -1,0 +1,1 @@
+"""Porting BN parameters between frameworks, checked through the frameworks themselves."""
