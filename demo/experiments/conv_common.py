@@ -11,18 +11,22 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 
+from bnref.conventions import KERAS, PYTORCH
 from demo import convnet as C
 from demo.experiments.common import Split, run_seeds
 from demo.experiments.spec import SharedInput
+from demo.model import EMATracker
 
 CONV_TEST_FRACTION = 0.2  # 4,000 train / 1,000 test
 CONV_MODEL = C.ConvConfig(batch_size=32, epochs=5, lr=0.1)
 SOURCE_BATCH = 64  # Precise BN before folding, unfold and recalibration all use batches of 64
+EARLY_EPOCH = 1  # experiment 9's checkpoint
 POOL = 512  # calibration images: the first 512 of a seeded permutation of the test split
 EPS_PRIME = 1e-5  # the inserted BNs' epsilon (bn_eps), tool and NumPy reference alike: the BN's own
 
@@ -42,16 +46,30 @@ def target_split(seed: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def conv_run(seed: int, split: Split | None = None, cfg: C.ConvConfig = CONV_MODEL) -> dict:
-    """Train one conv net; its EMA (PyTorch convention) and Precise BN statistics, clean accuracy."""
+    """Train one conv net; its EMA (PyTorch convention) and Precise BN statistics, clean accuracy.
+
+    ``early`` is the checkpoint after epoch :data:`EARLY_EPOCH` as it would be exported then: its
+    weights, the Keras-convention EMA (momentum 0.99) at that point, and its Precise BN
+    statistics. EMA tracking does not change training, so the final weights are the same.
+    """
     sp = split or get_conv_split()
-    params, trackers = C.train(sp.x_train, sp.y_train, replace(cfg, seed=seed))
+    trackers = {"pytorch": EMATracker(PYTORCH, cfg.widths), "keras": EMATracker(KERAS, cfg.widths)}
+    early: dict = {}
+
+    def keep_early(epoch: int, params: dict, live: dict) -> None:
+        if epoch == EARLY_EPOCH:
+            early.update(params=copy.deepcopy(params), ema=live["keras"].snapshot())
+
+    params, trackers = C.train(sp.x_train, sp.y_train, replace(cfg, seed=seed), trackers, keep_early)
     ema = trackers["pytorch"].snapshot()
     precise = C.precise_stats(params, sp.x_train, SOURCE_BATCH)
+    early["precise"] = C.precise_stats(early["params"], sp.x_train, SOURCE_BATCH)
     return {
         "seed": seed,
         "params": params,
         "ema": ema,
         "precise": precise,
+        "early": early,
         "clean_acc_ema": C.accuracy(params, ema, sp.x_test, sp.y_test),
         "clean_acc_precise": C.accuracy(params, precise, sp.x_test, sp.y_test),
     }

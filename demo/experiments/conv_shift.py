@@ -151,7 +151,7 @@ def tables(summary: dict, shifts: Sequence[str], held: int) -> str:
     return t1 + t2 + t3
 
 
-def plot(summary: dict, shifts: Sequence[str]):
+def plot(summary: dict, shifts: Sequence[str], title: str = TITLE):
     """Grouped bars: accuracy of every arm under every shift."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
@@ -165,7 +165,7 @@ def plot(summary: dict, shifts: Sequence[str]):
         ax.bar(xs, [100 * c["mean"] for c in cells], width, yerr=[100 * c["std"] for c in cells],
                capsize=2, color=f"C{j}", label=label)
     ax.set_xticks(np.arange(len(shifts)), shifts)
-    ax.set(ylabel="test accuracy (%), mean ± std", ylim=(0, 100), title=TITLE.split(": ")[0])
+    ax.set(ylabel="test accuracy (%), mean ± std", ylim=(0, 100), title=title.split(": ")[0])
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     return fig

@@ -15,6 +15,7 @@ from demo.experiments import (
     conv_estimators,
     conv_shift,
     domain_shift,
+    early_export,
     large_batch,
     sample_count,
     small_batch,
@@ -34,6 +35,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         conv_shift.EXPERIMENT,
         unfold_sources.EXPERIMENT,
         conv_estimators.EXPERIMENT,
+        early_export.EXPERIMENT,
     )
 }
 
