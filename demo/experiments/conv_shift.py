@@ -151,12 +151,14 @@ def tables(summary: dict, shifts: Sequence[str], held: int) -> str:
     return t1 + t2 + t3
 
 
-def plot(summary: dict, shifts: Sequence[str], title: str = TITLE):
-    """Grouped bars: accuracy of every arm under every shift."""
+ARMS = (("none_precise", "no adaptation"), ("kept_adapted", "BN-kept, recalibrated"),
+        ("folded_precise", "folded (Precise BN) + unfold"), ("folded_ema", "folded (EMA) + unfold"))
+
+
+def plot(summary: dict, shifts: Sequence[str], title: str = TITLE, arms: Sequence[tuple[str, str]] = ARMS):
+    """Grouped bars: accuracy of every arm (summary key, label) under every shift."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    arms = [("none_precise", "no adaptation"), ("kept_adapted", "BN-kept, recalibrated"),
-            ("folded_precise", "folded (Precise BN) + unfold"), ("folded_ema", "folded (EMA) + unfold")]
     width = 0.8 / len(arms)
     for j, (key, label) in enumerate(arms):
         cells = [summary["shifts"][sh][key] for sh in shifts]

@@ -56,7 +56,8 @@ def early_export(seeds: Sequence[int], jobs: int, conv_runs: Sequence[dict]) -> 
     )
     result = {"model": asdict(CONV_MODEL), "early_epoch": EARLY_EPOCH, "seeds": list(seeds), "summary": summary,
               "runs": runs}
-    write_outputs(NAME, TITLE, intro(seeds), tables, result, S.plot(summary, SHIFTS, TITLE))
+    arms = (("none_ema", "as exported (EMA)"), *S.ARMS[1:])
+    write_outputs(NAME, TITLE, intro(seeds), tables, result, S.plot(summary, SHIFTS, TITLE, arms))
     return result
 
 
