@@ -14,7 +14,7 @@ REF_ENVS := tf paddle mxnet
 REF_STAMPS := $(foreach e,$(REF_ENVS),.venv-$(e)/.stamp)
 export KERAS_BACKEND ?= jax
 
-.PHONY: help install test test-all test-slow test-corpus test-reference fuzz lint demo experiment bench docs clean
+.PHONY: help install test test-all test-slow test-corpus test-reference fuzz lint demo demo-folded experiment bench docs clean
 
 help:
 	@echo "make test        install .[cpu,test] into .venv, lint, run the suite (live-framework tests skip)"
@@ -24,6 +24,7 @@ help:
 	@echo "make test-corpus the whole exporter-dialect corpus (torchvision x torch.onnx, paddle2onnx, tf2onnx, shipped models)"
 	@echo "make fuzz        long hypothesis runs (profile 'fuzz') of the property and fuzz suites"
 	@echo "make demo        the real-data story: train, export, shift, recalibrate with bnref-onnx"
+	@echo "make demo-folded the same story for a conv net whose BN was folded at export: inspect, unfold, recalibrate"
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
 	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the tables in docs/performance.md"
 	@echo "make docs        build the reference site (mkdocs --strict, API reference) into site/ and check its links offline"
@@ -101,6 +102,9 @@ fuzz: $(STAMP_TEST)
 
 demo: $(STAMP_DEMO)
 	$(PY) -m demo.run_demo
+
+demo-folded: $(STAMP_DEMO)
+	$(PY) -m demo.run_demo_folded
 
 experiment: $(STAMP_DEMO)
 	$(PY) -m demo.experiments

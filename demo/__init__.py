@@ -5,6 +5,10 @@
 * ``demo.export``      — the trained net as an ONNX model (Gemm + BatchNormalization + Relu).
 * ``demo.experiments`` — every table and plot under ``docs/experiments/``, one module per experiment.
 * ``demo.run_demo``    — the ``make demo`` story: recalibrate under a deployment shift.
+* ``demo.convnet``     — a NumPy conv net with BatchNorm (im2col), trained the same way; ``fold``.
+* ``demo.conv_export`` — the conv net as ONNX, BN kept or folded into the convolutions.
+* ``demo.conv_unfold`` — a NumPy reference of ``bnref-onnx unfold`` (exact by depth).
+* ``demo.run_demo_folded`` — ``make demo-folded``: a folded model, ``inspect``, ``recalibrate --source``.
 """
 
 import os

