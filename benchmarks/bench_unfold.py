@@ -111,7 +111,7 @@ def run(images: int, side: int, batch: int, rounds: int, passes: bool = False) -
                 t = time.perf_counter()
                 res = ot.unfold(str(folded), str(tmp / "data.npy"), output=str(tmp / "u.onnx"), batch_size=batch)
                 times["unfold"].append(time.perf_counter() - t)
-                depth, sites, cache = res.passes, len(res.inserted), res.cache_peak_bytes
+                depth, sites, cache = res.depth, len(res.inserted), res.cache_peak_bytes
                 if passes:
                     t = time.perf_counter()
                     ot.unfold(str(folded), str(tmp / "data.npy"), batch_size=batch, waves=False)

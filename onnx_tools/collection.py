@@ -45,14 +45,15 @@ PREFETCH = 1
 between_batches: Callable[[int], None] | None = None
 
 
-def _progress(total: int | None, enabled: bool | None):
+def progress_bar(total: int | None, enabled: bool | None, desc: str = "collect"):
+    """A tqdm bar of ``total`` batches on stderr (``enabled`` None: on a terminal only), or None."""
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="batch", desc="collect", leave=False, file=sys.stderr)
+    return tqdm(total=total, unit="batch", desc=desc, leave=False, file=sys.stderr)
 
 
 def _open_source(analysis: ModelAnalysis, data: Any,
@@ -152,7 +153,7 @@ def aggregate_batch(cm: CollectionModel, by_name: dict[str, np.ndarray],
 def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bnref.PreciseBN],
              total: int | None, progress: bool | None) -> None:
     names = cm.output_names
-    bar = _progress(total, progress)
+    bar = progress_bar(total, progress)
     try:
         for index, feed in batches:
             if cm.feeds:  # the training kernels' unused running statistics
@@ -170,8 +171,8 @@ def _run_all(session: Any, cm: CollectionModel, batches: Any, aggs: dict[str, bn
             bar.close()
 
 
-def _session(cm: CollectionModel, provider: str,
-             build: Callable[[bool], CollectionModel]) -> tuple[Any, str, CollectionModel]:
+def open_session(cm: CollectionModel, provider: str,
+                 build: Callable[[bool], CollectionModel]) -> tuple[Any, str, CollectionModel]:
     """A session of ``cm``, and the model it runs.
 
     Where onnxruntime cannot load ``cm``'s training-mode kernels (a build without training
@@ -302,7 +303,7 @@ def collect(
                              shuffle=shuffle, seed=seed or 0, keep_partial=keep_partial, shard=shard,
                              image_options=image_options,
                              min_batch_size=_min_batch_size(cm, batch_size))
-    session, used, cm = _session(cm, provider, build)
+    session, used, cm = open_session(cm, provider, build)
     logger.info("collecting with onnxruntime on %s", used.upper())
     batches = source.batches(plan, ahead=PREFETCH if prefetch else 0)
     _warn_small_batch(source.summary.batch_size, any(s.static_batch for s in source.specs))

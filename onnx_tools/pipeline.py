@@ -7,7 +7,6 @@ collecting.
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ from onnx_tools.batchnorms import (
 from onnx_tools.collection import collect
 from onnx_tools.errors import OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import arg, check_keywords, check_prior_strength, checked
+from onnx_tools.options import arg, check_prior_strength, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.report import DriftReport
@@ -87,13 +86,6 @@ def inspect_model(model: ModelLike | ModelAnalysis) -> list[BatchNormInfo]:
     return describe_model(model).batchnorms
 
 
-#: What ``recalibrate(**collect_options)`` passes on to :func:`~onnx_tools.collection.collect`.
-_COLLECT_OPTIONS = tuple(
-    name for name, p in inspect.signature(collect).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-)
-
-
 @dataclass
 class RecalibrationResult:
     """What :func:`recalibrate` produced: the new model, its drift report and the statistics."""
@@ -137,7 +129,6 @@ def recalibrate(
     given = {"bn_eps": bn_eps, "sites_include": sites_include, "sites_exclude": sites_exclude,
              "linear_sites": linear_sites or None, "cache_dir": cache_dir}
     unfold_options = {k: v for k, v in given.items() if v is not None}
-    check_keywords("recalibrate", collect_options, _COLLECT_OPTIONS)
     if unfold_options and source is None:
         raise OptionError(f"{', '.join(arg(k) for k in sorted(unfold_options))} applies to "
                           f"folded models: give {arg('source')} (the data to unfold with)")

@@ -194,7 +194,7 @@ def _cmd_unfold(args: argparse.Namespace) -> int:
     result = unfold(args.model, args.data, output=None if args.in_place else targets.output,
                     in_place=args.in_place, **_unfold_kwargs(args), **_collect_kwargs(args))
     if not args.quiet:
-        _print(f"inserted {len(result.inserted)} BatchNormalization(s), {result.passes} deep "
+        _print(f"inserted {len(result.inserted)} BatchNormalization(s), {result.depth} deep "
                f"(statistics of {result.num_samples} source samples, exact at every depth; "
                f"eps {result.bn_eps:g})")
         _print(f"wrote {args.model if args.in_place else args.output}")

@@ -13,7 +13,6 @@
 from onnx_tools.unfolding.insert import InsertedBN
 from onnx_tools.unfolding.run import (
     DEFAULT_BN_EPS,
-    UNFOLD_OPTIONS,
     UnfoldResult,
     unfold,
     unfold_model,
@@ -22,7 +21,6 @@ from onnx_tools.unfolding.sites import Site, find_sites
 
 __all__ = [
     "DEFAULT_BN_EPS",
-    "UNFOLD_OPTIONS",
     "InsertedBN",
     "Site",
     "UnfoldResult",

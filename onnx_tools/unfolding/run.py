@@ -21,7 +21,6 @@ to float rounding (``tests/onnx_tools/test_unfold.py``).
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 from collections.abc import Mapping
@@ -39,7 +38,7 @@ from onnx_tools.collection import collect
 from onnx_tools.data import DataSource
 from onnx_tools.errors import DataError, ModelError, OptionError
 from onnx_tools.modelio import LoadedModel
-from onnx_tools.options import arg, check_keywords, checked
+from onnx_tools.options import arg, checked
 from onnx_tools.outputs import OutputPath, model_target, write_model
 from onnx_tools.reads import RunReads
 from onnx_tools.unfolding.insert import InsertedBN, insert_batchnorms, set_statistics
@@ -59,31 +58,23 @@ METADATA_PREFIX = "bnref.unfold."
 #: and every BN runs in training mode while source statistics are collected).
 _REFUSED = ("shard", "include", "exclude")
 
-#: :func:`~onnx_tools.collection.collect`'s keyword options.
-COLLECT_OPTIONS = tuple(
-    name for name, p in inspect.signature(collect).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
-)
-
-
 @dataclass
 class UnfoldResult:
     """What :func:`unfold` produced.
 
     ``model``: the unfolded model; ``inserted``: the BNs it added (site, depth, tensors);
-    ``statistics``: each inserted BN's (mean, var) by key; ``passes``: the depth D (waves run,
-    or passes over the source with ``waves=False``); ``source_fingerprint``/``num_samples``:
+    ``statistics``: each inserted BN's (mean, var) by key; ``depth``: D, the deepest inserted
+    BN (waves run, or passes over the source with ``waves=False``); ``source_fingerprint``/``num_samples``:
     the source data used; ``cache_peak_bytes``: the most the activation cache held on disk.
     """
 
     model: onnx.ModelProto
     inserted: list[InsertedBN]
     statistics: dict[str, tuple[np.ndarray, np.ndarray]]
-    passes: int
+    depth: int
     bn_eps: float
     source_fingerprint: str
     num_samples: int
-    loaded: LoadedModel | None = None
     notes: list[str] = field(default_factory=list)
     cache_peak_bytes: int = 0
 
@@ -91,16 +82,6 @@ class UnfoldResult:
     def sites(self) -> list[Site]:
         """The folded layers a BN was inserted after, in node order."""
         return [bn.site for bn in self.inserted]
-
-
-def check_bn_eps(bn_eps: Any) -> float:
-    """``bn_eps`` as a float if it is a finite number > 0."""
-    if isinstance(bn_eps, bool) or not isinstance(bn_eps, int | float | np.floating):
-        raise OptionError(f"{arg('bn_eps')} must be a number > 0, got {bn_eps!r}")
-    value = float(bn_eps)
-    if not np.isfinite(value) or value <= 0:
-        raise OptionError(f"{arg('bn_eps')} must be a finite number > 0, got {bn_eps!r}")
-    return value
 
 
 def _replayable(data: Any) -> None:
@@ -169,11 +150,12 @@ def _provenance(result: UnfoldResult, estimator: str) -> dict[str, str]:
         f"{METADATA_PREFIX}num_samples": str(result.num_samples),
         f"{METADATA_PREFIX}estimator": estimator,
         f"{METADATA_PREFIX}sites": str(len(result.inserted)),
-        f"{METADATA_PREFIX}passes": str(result.passes),
+        f"{METADATA_PREFIX}depth": str(result.depth),
         f"{METADATA_PREFIX}bn_eps": repr(result.bn_eps),
     }
 
 
+@checked(extra=collect)
 def unfold_model(
     model: ModelLike | ModelAnalysis,
     data: Any,
@@ -199,7 +181,7 @@ def unfold_model(
         if name in collect_options:
             raise OptionError(f"unfold does not take {arg(name)}: it reads all of the source "
                               "data with every BatchNormalization in training mode")
-    bn_eps = check_bn_eps(bn_eps)
+    bn_eps = float(bn_eps)  # type and range checked by @checked
     if not waves:
         _replayable(data)  # the waves read the source once; D passes read it D times
     analysis = analyze_model(model)
@@ -216,20 +198,16 @@ def unfold_model(
         summary = run.summary
         result = UnfoldResult(work, inserted, run.statistics, max(bn.depth for bn in inserted),
                               bn_eps, str(summary.fingerprint), int(summary.num_samples),
-                              analysis.loaded, list(summary.notes), run.cache_peak_bytes)
+                              list(summary.notes), run.cache_peak_bytes)
         estimator = run.estimator
     else:
         statistics, passes, stats = _run_passes(work, analysis.loaded, inserted, data, bn_eps,
                                                 collect_options)
         result = UnfoldResult(work, inserted, statistics, passes, bn_eps, stats.data_fingerprint,
-                              stats.num_samples, analysis.loaded, list(stats.notes))
+                              stats.num_samples, list(stats.notes))
         estimator = stats.estimator
     set_metadata(work, _provenance(result, estimator))
     return result
-
-
-#: Keyword arguments :func:`unfold` passes on to :func:`unfold_model`.
-UNFOLD_OPTIONS = ("bn_eps", "sites_include", "sites_exclude", "linear_sites", "waves", "cache_dir")
 
 
 @checked(extra=collect)
@@ -257,7 +235,6 @@ def unfold(
     everything it adds is listed in :class:`UnfoldResult` and ``metadata_props``. Outputs
     are checked before any work; the input model is never modified unless ``in_place``.
     """
-    check_keywords("unfold", collect_options, COLLECT_OPTIONS)  # shard/include/exclude: refused below
     analysis = analyze_model(model)
     reads = RunReads.of(model=analysis, data=data)  # the source data is the run's data
     target = model_target(analysis.loaded, output, in_place, reads)

@@ -324,8 +324,3 @@ def _feeds_bn(index: GraphIndex, site: Site) -> bool:
     """The site's output (or its chain's end) already feeds a BatchNormalization: never a site."""
     return any(index.model.graph.node[i].op_type == _BN and slot == 0
                for name in {site.output, site.end} for i, slot in index.consumers.get(name, []))
-
-
-def float_elem(elem: int) -> bool:
-    """Element types an inserted BN can take (those of onnxruntime's BN kernels)."""
-    return elem in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)

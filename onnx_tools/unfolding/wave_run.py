@@ -10,6 +10,7 @@ wave k + 1 is built.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -21,23 +22,30 @@ from onnx import helper
 import bnref
 from onnx_tools.analysis import ModelAnalysis
 from onnx_tools.batchnorms import find_batchnorms
-from onnx_tools.collection import PREFETCH, aggregate_batch, open_plan, run_batch
+from onnx_tools.collection import (
+    PREFETCH,
+    aggregate_batch,
+    collect,
+    open_plan,
+    open_session,
+    progress_bar,
+    run_batch,
+)
 from onnx_tools.data import DataSummary
-from onnx_tools.errors import ModelError, OptionError
+from onnx_tools.errors import OptionError
 from onnx_tools.modelio import LoadedModel
 from onnx_tools.options import arg, check_estimator
 from onnx_tools.rewrite import CollectionModel, build_collection_model
-from onnx_tools.session import cpu_only, make_session
+from onnx_tools.session import cpu_only
 from onnx_tools.unfolding.insert import InsertedBN, set_statistics
 from onnx_tools.unfolding.waves import ActivationCache, WavePlan, plan_waves, value_info, wave_model
 
 logger = logging.getLogger(__name__)
 
-#: Collection options and their defaults (those of :func:`~onnx_tools.collection.collect`).
+#: Collection options and their defaults: :func:`~onnx_tools.collection.collect`'s own.
 DEFAULTS: dict[str, Any] = {
-    "batch_size": 64, "num_samples": None, "estimator": "population", "bessel": False,
-    "provider": "auto", "shuffle": False, "seed": None, "keep_partial": False,
-    "image_options": None, "prefetch": True, "progress": False,
+    name: p.default for name, p in inspect.signature(collect).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
 }
 
 
@@ -61,14 +69,7 @@ def _session(model: onnx.ModelProto, wave: WavePlan, provider: str,
         cm.model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in wave.cached)
         return cm
 
-    cm = build(cpu_only(provider))
-    try:
-        session, _ = make_session(cm.model, provider)
-    except ModelError:
-        if not cm.feeds:
-            raise
-        cm = build(False)  # a build without the training-mode kernel
-        session, _ = make_session(cm.model, provider)
+    session, _, cm = open_session(build(cpu_only(provider)), provider, build)
     return session, cm
 
 
@@ -83,7 +84,8 @@ def _batches(wave: WavePlan, source: Any, plan: Any, cache: ActivationCache, cou
 
 
 def _run_wave(wave: WavePlan, work: onnx.ModelProto, source: Any, plan: Any,
-              cache: ActivationCache, count: int, later: set[str], opts: dict) -> tuple[dict, int]:
+              cache: ActivationCache, count: int, later: set[str], opts: dict,
+              bar: Any) -> tuple[dict, int]:
     """Run one wave over every batch; return its PreciseBN per key and the batch count."""
     if wave.k == 0:
         inputs = {vi.name: vi for vi in work.graph.input}
@@ -103,6 +105,8 @@ def _run_wave(wave: WavePlan, work: onnx.ModelProto, source: Any, plan: Any,
         for name in wave.cached:
             cache.put(name, index, out[name])
         seen = index + 1
+        if bar is not None:
+            bar.update(1)
     return aggs, seen
 
 
@@ -127,10 +131,12 @@ def run_waves(work: onnx.ModelProto, loaded: LoadedModel, inserted: list[Inserte
     logger.info("unfolding %d layer(s), %d deep, in %d wave(s); activations cached in %s",
                 len(inserted), len(waves), len(waves), cache.root)
     count = 0
+    batches = source.count_batches(plan)
+    bar = progress_bar(None if batches is None else batches * len(waves), opts["progress"], "unfold")
     try:
         for wave in waves:
             set_statistics(work, [bn for bn in inserted if bn.depth == wave.k], final, bn_eps)
-            aggs, count = _run_wave(wave, work, source, plan, cache, count, later, opts)
+            aggs, count = _run_wave(wave, work, source, plan, cache, count, later, opts, bar)
             for key, agg in aggs.items():
                 final[key] = (np.asarray(agg.mean, np.float64), np.asarray(agg.var, np.float64))
             for name in wave.release:
@@ -139,5 +145,7 @@ def run_waves(work: onnx.ModelProto, loaded: LoadedModel, inserted: list[Inserte
                          len(wave.nodes), len(wave.cached), cache.bytes / 2**20)
     finally:
         cache.close()
+        if bar is not None:
+            bar.close()
     set_statistics(work, inserted, final, bn_eps)
     return WaveRun(final, source.summary, opts["estimator"], cache.peak_bytes)

@@ -44,7 +44,8 @@ class WavePlan:
     ``stats``: keys of the inserted BNs (depth k + 1) whose statistics it collects;
     ``inputs``: tensors it reads (graph inputs in wave 0, cached tensors after);
     ``cached``: tensors it produces that later waves read; ``release``: cached tensors no
-    wave after this one reads (deleted once it ran).
+    wave after this one reads (deleted once it ran); ``constants``: the nodes computing the
+    constants it reads from other constants; ``initializers``: those it reads.
     """
 
     k: int
@@ -53,6 +54,8 @@ class WavePlan:
     inputs: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     release: list[str] = field(default_factory=list)
+    constants: list[int] = field(default_factory=list)
+    initializers: set[str] = field(default_factory=set)
 
 
 def _reads(node: onnx.NodeProto) -> set[str]:
@@ -117,7 +120,11 @@ def plan_waves(model: onnx.ModelProto, inserted: list[InsertedBN]) -> list[WaveP
         wave.nodes.sort()
         produced = {o for i in wave.nodes if i not in bn_nodes or bn_nodes[i].depth == wave.k
                     for o in model.graph.node[i].output if o}
-        reads = {n for i in wave.nodes for n in _reads(model.graph.node[i])} - const
+        reads = {n for i in wave.nodes for n in _reads(model.graph.node[i])}
+        wave.constants = _constant_nodes(model, index, (reads & const) - set(index.initializers))
+        wave.initializers = (reads | {n for i in wave.constants for n in _reads(model.graph.node[i])}
+                             ) & set(index.initializers)
+        reads -= const
         wave.inputs = sorted(reads - produced)
         wave.cached = sorted(produced & later)
         later = (later - produced) | set(wave.inputs)
@@ -147,18 +154,14 @@ def wave_model(model: onnx.ModelProto, wave: WavePlan, inputs: dict[str, onnx.Va
     """A model running ``wave``'s nodes on its inputs; outputs: the tensors it caches.
 
     ``inputs``: the declared type of each input (the graph input's, or one made from the
-    cached arrays).
+    cached arrays). The initializers are read from ``model`` now: they hold the statistics
+    written so far.
     """
-    index = GraphIndex(model)
-    const = constant_tensors(model, index)
-    reads = {n for i in wave.nodes for n in _reads(model.graph.node[i])}
-    consts = _constant_nodes(model, index, (reads & const) - set(index.initializers))
-    used = reads | {n for i in consts for n in _reads(model.graph.node[i])}
     graph = helper.make_graph(
-        [model.graph.node[i] for i in consts + wave.nodes], f"wave{wave.k}",
+        [model.graph.node[i] for i in wave.constants + wave.nodes], f"wave{wave.k}",
         [inputs[name] for name in wave.inputs],
         [helper.make_empty_tensor_value_info(name) for name in wave.cached],
-        [t for t in model.graph.initializer if t.name in used],
+        [t for t in model.graph.initializer if t.name in wave.initializers],
     )
     out = helper.make_model(graph, opset_imports=model.opset_import, ir_version=max(model.ir_version, 4))
     out.functions.extend(model.functions)

@@ -39,3 +39,13 @@ def package_dir(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         _missing(name, "not installed")
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+#: The marks of a corpus module that runs torch: a live-framework test, quiet about the
+#: deprecation and user warnings torch.onnx and torchvision print while exporting.
+TORCH_MARKS = [
+    pytest.mark.frameworks,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]

@@ -34,12 +34,7 @@ ort = needs.module("onnxruntime")
 import onnx_tools as ot  # noqa: E402
 from tests.corpus import torch_cases as tc  # noqa: E402
 
-pytestmark = [
-    pytest.mark.frameworks,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = needs.TORCH_MARKS
 
 #: Run with the rest of the suite (CI): residual blocks through dynamo (resnet18; external
 #: data), stochastic depth + SiLU + squeeze-excite through TorchScript (efficientnet_b0), and a

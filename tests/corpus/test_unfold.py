@@ -32,12 +32,7 @@ import onnx_tools as ot  # noqa: E402
 from onnx_tools.batchnorms import find_batchnorms  # noqa: E402
 from tests.corpus import torch_cases as tc  # noqa: E402
 
-pytestmark = [
-    pytest.mark.frameworks,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-]
+pytestmark = needs.TORCH_MARKS
 
 #: In CI; the other architectures carry the ``corpus`` marker (make test-corpus).
 REPRESENTATIVE = ("resnet18", "mobilenet_v3_small")

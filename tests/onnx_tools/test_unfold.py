@@ -125,7 +125,7 @@ def test_sites_and_depths(twin):
     result = ot.unfold(folded, a, batch_size=16, bn_eps=EPS)
     assert [s.output for s in result.sites] == ["c1", "c2", "c3"]  # not the gate, not the head
     assert {bn.key: bn.depth for bn in result.inserted} == {"c1": 1, "c2": 2, "c3": 3}
-    assert result.passes == 3
+    assert result.depth == 3
 
 
 def test_identity_at_inference(twin):
@@ -178,7 +178,7 @@ def test_nothing_else_changes(twin):
     assert [o[::2] for o in old] == [n[::2] for n in new]
     assert unfolded.graph.output == folded.graph.output and unfolded.graph.input == folded.graph.input
     props = {p.key: p.value for p in unfolded.metadata_props}
-    assert props["bnref.unfold.sites"] == "3" and props["bnref.unfold.passes"] == "3"
+    assert props["bnref.unfold.sites"] == "3" and props["bnref.unfold.depth"] == "3"
     assert props["bnref.unfold.bn_eps"] == repr(1e-5)
 
 
@@ -260,7 +260,7 @@ def test_waves_equal_passes_and_leave_nothing_behind(twin, tmp_path):
     _, _, folded, a, _ = twin
     waves = ot.unfold(folded, a, batch_size=16, bn_eps=EPS, cache_dir=tmp_path)
     passes = ot.unfold(folded, a, batch_size=16, bn_eps=EPS, waves=False)
-    assert waves.passes == passes.passes == 3
+    assert waves.depth == passes.depth == 3
     for key, (mean, var) in passes.statistics.items():
         np.testing.assert_allclose(waves.statistics[key][0], mean, rtol=1e-6, atol=1e-6 * np.sqrt(var.max()))
         np.testing.assert_allclose(waves.statistics[key][1], var, rtol=1e-6)
@@ -278,11 +278,20 @@ def test_cache_removed_when_a_wave_fails(twin, tmp_path, monkeypatch):
 
     def failing(session, names, feed, index):
         calls.append(index)
-        if len(calls) == 9:  # in the second wave
+        if len(calls) == 9:  # in the second wave, with the first wave's activations cached here
+            cache = [p for p in tmp_path.iterdir() if p.name.startswith("bnref-unfold-")]
+            assert len(cache) == 1 and any(cache[0].iterdir())
             raise KeyboardInterrupt
         return real(session, names, feed, index)
 
     monkeypatch.setattr(wave_run, "run_batch", failing)
     with pytest.raises(KeyboardInterrupt):
         ot.unfold(folded, a, batch_size=16, cache_dir=tmp_path)
+    assert len(calls) == 9
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bar_across_the_waves(twin, capsys):
+    _, _, folded, a, _ = twin
+    ot.unfold(folded, a, batch_size=16, progress=True)
+    assert "unfold" in capsys.readouterr().err  # tqdm's bar: 6 batches x 3 waves
