@@ -40,8 +40,8 @@ from onnx_tools.rewrite.plan import (
 logger = logging.getLogger(__name__)
 
 EXPORT_ADVICE_SHORT = (
-    "it was probably folded into Conv/Gemm at export (run `bnref-onnx inspect` for how to "
-    "export with BN kept)"
+    "it was probably folded into Conv/Gemm at export (`bnref-onnx inspect` says how to export "
+    "with BN kept, and lists the layers `bnref-onnx unfold` would give a BN back)"
 )
 
 

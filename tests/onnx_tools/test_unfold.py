@@ -295,3 +295,11 @@ def test_progress_bar_across_the_waves(twin, capsys):
     _, _, folded, a, _ = twin
     ot.unfold(folded, a, batch_size=16, progress=True)
     assert "unfold" in capsys.readouterr().err  # tqdm's bar: 6 batches x 3 waves
+
+
+@pytest.mark.parametrize("command", ["collect", "recalibrate"])
+def test_every_command_on_a_folded_model_points_at_unfold(twin, tmp_path, command):
+    folder = twin[0]
+    rc, _, err = run_cli(command, str(folder / "folded.onnx"), "--data", str(folder / "a.npy"),
+                         "-o", str(tmp_path / "out.npz"))
+    assert rc == 1 and "bnref-onnx unfold" in err and "Traceback" not in err
