@@ -186,7 +186,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
             raise OptionError(f"{', '.join(given)} applies to folded models: give --source")
         unfold_options = {}
     result = recalibrate(
-        targets.model, args.data, output=None if args.in_place else targets.output,
+        targets.model, args.data, output=targets.output,
         in_place=args.in_place, prior_strength=args.prior_strength, source=args.source,
         **unfold_options, **_collect_kwargs(args),
     )
@@ -196,7 +196,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
 
 def _cmd_unfold(args: argparse.Namespace) -> int:
     targets = _check_outputs(args)
-    result = unfold(targets.model, args.data, output=None if args.in_place else targets.output,
+    result = unfold(targets.model, args.data, output=targets.output,
                     in_place=args.in_place, **_unfold_kwargs(args), **_collect_kwargs(args))
     if not args.quiet:
         _print(f"inserted {len(result.inserted)} BatchNormalization(s), {result.passes} deep "

@@ -8,12 +8,14 @@ folder again for each output (and for the external data a model write checks aft
 from __future__ import annotations
 
 import os
+import traceback
 
+import numpy as np
 import onnx
 import pytest
 
 from onnx_tools.reads import RunReads
-from tests.onnx_tools.helpers import cnn_model, run_cli, write_cnn_files
+from tests.onnx_tools.helpers import cnn_model, file_digest, run_cli, write_cnn_files
 
 
 @pytest.mark.parametrize("command", ["recalibrate", "collect", "apply"])
@@ -56,3 +58,31 @@ def test_find_walks_each_input_folder_once(tmp_path, monkeypatch):
     reads.add_file("labels", tmp_path / "other")  # the account grows: looked at again
     assert reads.find(tmp_path / "other").what == "labels"
     assert len(walks) == 2
+
+
+def test_cli_in_place_on_an_image_folder_walks_it_once(tmp_path, monkeypatch):
+    """The CLI's checked in-place target is what the API writes: not checked (walked) again."""
+    from PIL import Image
+
+    model = tmp_path / "ext.onnx"
+    onnx.save_model(cnn_model(), model, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w.bin", size_threshold=0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    walks = []
+    real = os.walk
+
+    def walk(*args, **kwargs):
+        walks.append(traceback.extract_stack(limit=2)[0].filename)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(os, "walk", walk)
+    before = file_digest(model)
+    rc, _, err = run_cli("recalibrate", model, "--data", folder, "--in-place", "--batch-size", "4",
+                         "--quiet")
+    assert rc == 0, err
+    assert file_digest(model) != before
+    assert sum(name.endswith(os.path.join("onnx_tools", "reads.py")) for name in walks) == 1
