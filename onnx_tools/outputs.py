@@ -311,7 +311,9 @@ def model_target(loaded: LoadedModel, output: str | os.PathLike | OutputPath | N
     caller (the CLI), in place or not, and is not checked again; a plain path is checked
     against ``reads`` (:mod:`onnx_tools.reads`); no output: nothing is written.
     """
-    if isinstance(output, OutputPath) and output.in_place == in_place:
+    if isinstance(output, OutputPath) and output.in_place == in_place and (
+            not in_place or loaded.path is not None
+            and file_key(loaded.path) == file_key(output.path)):
         return output
     if in_place and output is not None:
         raise OptionError("give output or in_place, not both: in_place=True overwrites the "

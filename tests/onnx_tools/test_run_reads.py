@@ -86,3 +86,24 @@ def test_cli_in_place_on_an_image_folder_walks_it_once(tmp_path, monkeypatch):
     assert rc == 0, err
     assert file_digest(model) != before
     assert sum(name.endswith(os.path.join("onnx_tools", "reads.py")) for name in walks) == 1
+
+
+def test_api_in_place_takes_only_the_checked_path_of_its_own_model(tmp_path, monkeypatch):
+    """An in-place OutputPath of another file is refused before any work, as a plain path is."""
+    import onnx_tools as ot
+    import onnx_tools.pipeline as pipeline
+
+    model, data = write_cnn_files(tmp_path)
+    other = tmp_path / "other.onnx"
+    onnx.save(cnn_model(seed=1), other)
+    checked = ot.check_output(other, in_place=True)
+
+    def work(*args, **kwargs):
+        raise RuntimeError("work started")
+
+    monkeypatch.setattr(pipeline, "collect", work)
+    with pytest.raises(ot.OptionError, match="not both"):
+        ot.recalibrate(model, data, output=checked, in_place=True, batch_size=8)
+    own = ot.check_output(model, in_place=True, input_path=model)
+    with pytest.raises(RuntimeError, match="work started"):  # its own file: accepted
+        ot.recalibrate(model, data, output=own, in_place=True, batch_size=8)
