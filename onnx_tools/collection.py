@@ -112,14 +112,18 @@ def _warn_small_batch(size: int, static: bool) -> None:
         )
 
 
-def run_batch(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
-    """Run one batch; results by output name (onnxruntime's failure as a DataError)."""
+def run_batch(session: Any, names: list[str], feed: dict[str, np.ndarray], index: int,
+              model: str = "the model") -> dict[str, np.ndarray]:
+    """Run one batch; results by output name (onnxruntime's failure as a DataError).
+
+    ``model``: how the message names the model (``compare`` runs "model A" and "model B").
+    """
     try:
         results = session.run(names, feed)
     except Exception as exc:  # onnxruntime's own exception types
         text = " ".join(str(exc).split())[:300]
         raise DataError(
-            f"batch {index}: onnxruntime could not run the model on it (shape or "
+            f"batch {index}: onnxruntime could not run {model} on it (shape or "
             f"dtype that does not fit the model's input?): {text}"
         ) from exc
     return dict(zip(names, results, strict=True))

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from onnx_tools.analysis import ModelLike
+from onnx_tools.collection import run_batch
 from onnx_tools.data import BatchPlan, ImageOptions, InputSpec, open_data
 from onnx_tools.errors import DataError, ModelError, short_message
 from onnx_tools.modelio import load_model
@@ -213,16 +214,6 @@ def _update(o: OutputComparison, ya: np.ndarray, yb: np.ndarray, lab: np.ndarray
             o._correct[1] += int(np.sum(pb == lab))
 
 
-def _run(session: Any, which: str, names: list[str], feed: dict[str, np.ndarray],
-         index: int) -> list[np.ndarray]:
-    """One batch through one model; any onnxruntime failure becomes a :class:`DataError`."""
-    try:
-        return session.run(names, feed)
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise DataError(f"batch {index}: onnxruntime could not run model {which} on it: "
-                        f"{short_message(exc, 300)}") from exc
-
-
 def _finish(o: OutputComparison, n: int, labelled: bool) -> None:
     if o.classifier and n:
         o.top1_agreement = o._agree / n
@@ -254,8 +245,10 @@ def compare_models(
     pairs = _pair_outputs(sess_a, sess_b)
     n = 0
     for index, feed in source.batches(plan):
-        ya_all = _run(sess_a, "A", [o.output_a for o in pairs], feed, index)
-        yb_all = _run(sess_b, "B", [o.output_b for o in pairs], feed, index)
+        ya_all = list(run_batch(sess_a, [o.output_a for o in pairs], feed, index,
+                                "model A").values())
+        yb_all = list(run_batch(sess_b, [o.output_b for o in pairs], feed, index,
+                                "model B").values())
         rows = len(next(iter(feed.values())))
         lab = None
         if label_arr is not None:

@@ -306,10 +306,15 @@ def model_target(loaded: LoadedModel, output: str | os.PathLike | OutputPath | N
                  reads: RunReads) -> OutputPath | None:
     """Where an API call that writes a model writes it (checked before any work), or None.
 
-    ``in_place`` overwrites ``loaded``'s own file and takes no ``output``; an
-    :class:`OutputPath` was checked by the caller (the CLI); a plain path is checked against
-    ``reads`` (:mod:`onnx_tools.reads`); no output: nothing is written.
+    ``in_place`` overwrites ``loaded``'s own file and takes no ``output`` (but the
+    :class:`OutputPath` the caller checked it as); an :class:`OutputPath` was checked by the
+    caller (the CLI), in place or not, and is not checked again; a plain path is checked
+    against ``reads`` (:mod:`onnx_tools.reads`); no output: nothing is written.
     """
+    if isinstance(output, OutputPath) and output.in_place == in_place and (
+            not in_place or loaded.path is not None
+            and file_key(loaded.path) == file_key(output.path)):
+        return output
     if in_place and output is not None:
         raise OptionError("give output or in_place, not both: in_place=True overwrites the "
                           "input model itself")
@@ -317,6 +322,6 @@ def model_target(loaded: LoadedModel, output: str | os.PathLike | OutputPath | N
         if loaded.path is None:
             raise OutputError(f"{arg('in_place')} needs a model path")
         return check_model_output(loaded.path, reads, in_place=True)
-    if isinstance(output, OutputPath) or output is None:
-        return output
+    if output is None:
+        return None
     return check_model_output(output, reads)

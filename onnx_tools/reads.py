@@ -78,6 +78,7 @@ class RunReads:
         self.folders: list[ReadFile] = []  # every file below each of these is read
         #: The input model's external-data files: location -> path it is read from.
         self.model_locations: dict[str, str] = {}
+        self._index: dict[tuple[int, int], ReadFile] | None = None  # built by find, once
 
     @classmethod
     def of(cls, *, model: Any = None, data: Any = None, stats: Iterable[Any] | str | None = None,
@@ -102,6 +103,7 @@ class RunReads:
         """One file the run reads (a path that is not a path adds nothing)."""
         if isinstance(path, str | os.PathLike):
             self.files.append(ReadFile(what, os.path.abspath(os.fspath(path)), own))
+            self._index = None
 
     def add_model(self, model: Any, what: str = "input model") -> None:
         """A model file and each external-data file it references (a ModelProto: nothing).
@@ -135,6 +137,7 @@ class RunReads:
         text = os.fspath(data)
         if os.path.isdir(text):
             self.folders.append(ReadFile(f"{what} folder", os.path.abspath(text)))
+            self._index = None
         elif os.path.exists(text):
             self.add_file(what, text)
         else:
@@ -155,12 +158,20 @@ class RunReads:
     def find(self, path: str | os.PathLike) -> ReadFile | None:
         """The input that the file at ``path`` is (after links, by device and inode), or None.
 
-        A folder's files are looked at only when ``path`` exists (else nothing can match).
+        A folder's files are looked at only when ``path`` exists (else nothing can match), and
+        only once: every output of a run (and the external data a model write adds after the
+        work) is looked up in one index of the inputs, not by walking their folders again.
         """
         key = file_key(os.fspath(path))
         if key is None:
             return None
-        return next((r for r in self._candidates() if file_key(r.path) == key), None)
+        if self._index is None:
+            self._index = {}
+            for read in self._candidates():
+                read_key = file_key(read.path)
+                if read_key is not None:
+                    self._index.setdefault(read_key, read)
+        return self._index.get(key)
 
 
 def _external_locations(path: str) -> set[str]:

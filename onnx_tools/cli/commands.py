@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from onnx_tools.analysis import ModelAnalysis, analyze_model
 from onnx_tools.apply import apply_stats
 from onnx_tools.batchnorms import FUNCTION_ADVICE
 from onnx_tools.collection import collect
@@ -128,6 +129,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 class _Targets:
     output: OutputPath | None
     report: OutputPath | None
+    model: ModelAnalysis | None  # the input model, loaded once: the account and the API share it
 
 
 #: The subcommands whose OUT is a model (the others write a STATS file).
@@ -139,9 +141,12 @@ def _check_outputs(args: argparse.Namespace) -> _Targets:
 
     Every output is checked against the one account of what the run reads
     (:class:`~onnx_tools.reads.RunReads`: the model and its external data, the data, STATS
-    files) and against the other outputs.
+    files) and against the other outputs. The model is loaded here, once: the API is given
+    the analysis instead of the path (which it would parse again).
     """
-    reads = RunReads.of(model=getattr(args, "model", None), data=getattr(args, "data", None),
+    model = getattr(args, "model", None)
+    analysis = analyze_model(model) if model is not None else None
+    reads = RunReads.of(model=analysis, data=getattr(args, "data", None),
                         stats=getattr(args, "stats", None))
     if getattr(args, "source", None) is not None:
         reads.add_data(args.source, "source data")
@@ -154,7 +159,7 @@ def _check_outputs(args: argparse.Namespace) -> _Targets:
         # otherwise, so writing onto the model is refused as onto any input.
         output = check_output(args.output, reads=reads, what="STATS output")
     checked = check_outputs({"output": output, "report": getattr(args, "report", None)}, reads)
-    return _Targets(checked["output"], checked["report"])
+    return _Targets(checked["output"], checked["report"], analysis)
 
 
 def _finish(args: argparse.Namespace, report: DriftReport, targets: _Targets) -> None:
@@ -181,7 +186,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
             raise OptionError(f"{', '.join(given)} applies to folded models: give --source")
         unfold_options = {}
     result = recalibrate(
-        args.model, args.data, output=None if args.in_place else targets.output,
+        targets.model, args.data, output=targets.output,
         in_place=args.in_place, prior_strength=args.prior_strength, source=args.source,
         **unfold_options, **_collect_kwargs(args),
     )
@@ -191,7 +196,7 @@ def _cmd_recalibrate(args: argparse.Namespace) -> int:
 
 def _cmd_unfold(args: argparse.Namespace) -> int:
     targets = _check_outputs(args)
-    result = unfold(args.model, args.data, output=None if args.in_place else targets.output,
+    result = unfold(targets.model, args.data, output=targets.output,
                     in_place=args.in_place, **_unfold_kwargs(args), **_collect_kwargs(args))
     if not args.quiet:
         _print(f"inserted {len(result.inserted)} BatchNormalization(s), {result.depth} deep "
@@ -203,7 +208,7 @@ def _cmd_unfold(args: argparse.Namespace) -> int:
 
 def _cmd_collect(args: argparse.Namespace) -> int:
     targets = _check_outputs(args)
-    stats = collect(args.model, args.data, shard=args.shard, **_collect_kwargs(args))
+    stats = collect(targets.model, args.data, shard=args.shard, **_collect_kwargs(args))
     save_stats(stats, targets.output)
     if not args.quiet:
         shard = f" (shard {stats.shards[0]}/{stats.num_shards})" if stats.num_shards > 1 else ""
@@ -225,7 +230,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_apply(args: argparse.Namespace) -> int:
     targets = _check_outputs(args)
-    result = apply_stats(args.model, args.stats, prior_strength=args.prior_strength)
+    result = apply_stats(targets.model, args.stats, prior_strength=args.prior_strength)
     write_model(result.model, targets.output, like=result.loaded, in_place=args.in_place)
     _finish(args, result.report, targets)
     return 0

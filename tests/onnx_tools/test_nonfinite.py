@@ -211,6 +211,8 @@ def test_infinities_of_both_signs_raise_no_warning(tmp_path, warnings_are_errors
                            tmp_path / "r.json")
     assert code == 0, err
     assert all(np.isfinite(v).all() for v in _initializers(tmp_path / "o.onnx").values())
+    report = _strict((tmp_path / "r.json").read_text())  # --report: strict JSON too
+    assert report["non_finite"] and all(_resolve(report, p) is None for p in report["non_finite"])
 
 
 _json_values = st.recursive(
