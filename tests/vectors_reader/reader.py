@@ -124,15 +124,20 @@ def compute(case: dict, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def check_case(root: Path, case: dict, tiny: float) -> tuple[int, list[str]]:
-    """``(quantities checked, failures)`` for one case."""
+    """``(quantities compared, failures)`` for one case."""
     a = load_case(root, case)
     got = compute(case, a)
-    failures = []
+    compared, failures = 0, []
     for q, spec in case["expected"].items():
         if q not in got:
             failures.append(f"{case['id']}: {q}: not computed")
             continue
         want, scale = a[q], a[spec["scale"]]
+        shapes = {tuple(spec["shape"]), np.shape(got[q]), want.shape, scale.shape}
+        if len(shapes) > 1:  # compared elementwise: a broadcast would hide missing elements
+            failures.append(f"{case['id']}: {q}: shapes differ: {sorted(shapes)}")
+            continue
+        compared += 1
         err = np.abs(np.asarray(got[q], np.float64) - want)
         allowed = spec["bound"] * scale + tiny
         bad = ~(err <= allowed)  # NaN counts as bad
@@ -140,7 +145,7 @@ def check_case(root: Path, case: dict, tiny: float) -> tuple[int, list[str]]:
             i = int(np.argmax(np.where(bad, err / allowed, 0)))
             failures.append(f"{case['id']}: {q}: |error| {err.flat[i]:.3g} > allowed {allowed.flat[i]:.3g} "
                             f"(element {i}: got {np.ravel(got[q])[i]!r}, want {want.flat[i]!r})")
-    return len(case["expected"]), failures
+    return compared, failures
 
 
 def check_directory(root) -> tuple[int, int, list[str]]:
