@@ -9,6 +9,7 @@ and bfloat16: both momentum meanings, Bessel or not, both channel axes, a 16-bit
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_reader_passes_the_vectors(small):
 
 
 def test_reader_never_imports_bnref(small):
-    allowed = {"__future__", "hashlib", "json", "sys", "pathlib", "numpy"}
+    allowed = {"__future__", "hashlib", "io", "json", "sys", "pathlib", "numpy"}
     for path in READER_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -259,3 +260,17 @@ def test_every_convention_and_dtype(tmp_path):
     cli("-o", str(out))
     cases, _, failures = R.check_directory(out)
     assert failures == [] and cases == len(bv.CONVENTIONS) * (4 * 9 + 2 * 2)
+
+
+def test_reader_refuses_files_that_disagree_with_the_manifest(small, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(small, root)
+    m = json.loads((root / "manifest.json").read_text())
+    case = m["cases"][0]
+    wrong_shape = json.loads(json.dumps(case))
+    wrong_shape["inputs"]["x"]["shape"] = [1, *case["inputs"]["x"]["shape"]]
+    with pytest.raises(ValueError, match=r"x stored as \w+ \[.*manifest says"):
+        R.load_case(root, wrong_shape)
+    (root / case["file"]).write_bytes((root / case["file"]).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="sha256 differs from the manifest"):
+        R.load_case(root, case)

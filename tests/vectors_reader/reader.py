@@ -12,6 +12,7 @@ Usage: ``python reader.py DIR`` (exit status 1 and one line per failure if any).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -36,12 +37,14 @@ def load_case(root: Path, case: dict) -> dict[str, np.ndarray]:
     data = (root / case["file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != case["sha256"]:
         raise ValueError(f"{case['file']}: sha256 differs from the manifest")
-    with np.load(root / case["file"], allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:  # the bytes just checked
         arrays = {k: z[k] for k in z.files}
     for name, entry in case["inputs"].items():
-        if arrays[name].dtype.name != entry["stored_as"]:
-            raise ValueError(f"{case['file']}: {name} stored as {arrays[name].dtype}, manifest says {entry['stored_as']}")
-        arrays[name] = decode(arrays[name], entry)
+        a = arrays[name]
+        if (a.dtype.name, list(a.shape)) != (entry["stored_as"], entry["shape"]):
+            raise ValueError(f"{case['file']}: {name} stored as {a.dtype} {list(a.shape)}, manifest says "
+                             f"{entry['stored_as']} {entry['shape']}")
+        arrays[name] = decode(a, entry)
     return arrays
 
 
