@@ -92,7 +92,7 @@ test-corpus: $(STAMP_FW) $(STAMP_CORPUS)
 	touch $@
 
 test-reference: lint $(STAMP_FW) $(REF_STAMPS)
-	BNREF_REQUIRE_REFERENCE=1 BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m reference tests/conformance tests/corpus --durations=5
+	BNREF_REQUIRE_REFERENCE=1 BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m reference tests/conformance tests/corpus tests/porting --durations=5
 
 test-slow: $(STAMP_TEST)
 	$(PYTEST) -m slow

@@ -1,8 +1,9 @@
 """``convert`` through the real frameworks: X -> PyTorch and PyTorch -> X.
 
 Live: Keras 3 (JAX), Flax linen and onnxruntime against PyTorch. Raw TF fused batch norm and
-Paddle are not installed here: their outputs come from ``golden/`` (``generate_golden.py``),
-with PyTorch live on the other side. Every comparison is float32, elementwise
+Paddle are not in the main environment: their outputs come from ``golden/``
+(``generate_golden.py``), with PyTorch live on the other side; where their reference venvs exist
+(``make test-all``, ``make test-reference``) the live framework must reproduce every golden file. Every comparison is float32, elementwise
 ``|y_target - y_source| <= 64 * eps32 * (|scale| (1 + |x_hat|) + |bias|)`` (x_hat from the
 source's parameters); the naive port (parameters copied, the target's eps) must fail it.
 """
@@ -199,3 +200,44 @@ def test_golden_tf_small_eps_is_not_floored():
     floored = convert(*(p[k] for k in KEYS), source=old_floor, target="pytorch", source_eps=meta["eps"])
     assert ratio(torch_eval(a["x"], params(floored), floored.eps), a["y"], p,
                  meta["eps"]) > 10
+
+
+# -- live TF and Paddle, where their reference venvs exist (make test-all, make test-reference) ---
+
+#: framework -> (its venv, the adapter in tests.conformance that runs it there, kwargs, channel axis)
+REFERENCE = {"tf_fused": ("tf", "adapters_tf:tf_fused", {"api": "v1"}, -1),
+             "paddle": ("paddle", "adapters_paddle:functional", {}, 1)}
+
+
+@pytest.fixture(scope="module", params=sorted(REFERENCE))
+def reference(request):
+    """``(framework, its BatchNormImpl run in its own venv, channel axis)``; skips without the venv
+    (an error under ``BNREF_REQUIRE_REFERENCE=1``)."""
+    from tests.conformance.remote import remote_impl, start_worker
+
+    venv, builder, kwargs, axis = REFERENCE[request.param]
+    worker = start_worker(venv, {"TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        yield request.param, remote_impl(worker, builder, **kwargs), axis
+    finally:
+        worker.close()
+
+
+@pytest.mark.reference
+def test_golden_files_are_what_the_live_framework_gives(reference):
+    """The pinned framework, run live, reproduces every golden file it made, so the golden tests
+    above hold for it: both ports' inference outputs, the naive port, one training step."""
+    fw, impl, axis = reference
+    a, p, meta = _golden(f"{fw}_to_pytorch")
+    assert ratio(_run_eval(impl, axis, a["x"], p, meta["source_eps"]), a["y"], p, meta["source_eps"]) <= 1.0
+    a, p, meta = _golden(f"pytorch_to_{fw}")  # tgt_*: what convert returns (test_golden_pytorch_to_framework)
+    tgt = {k: a[f"tgt_{k}"] for k in KEYS}
+    assert ratio(_run_eval(impl, axis, a["x"], tgt, meta["eps"]), a["y"], p, meta["source_eps"]) <= 1.0
+    naive_eps = by_name(fw).eps if meta["target_eps"] is None else meta["target_eps"]
+    assert ratio(_run_eval(impl, axis, a["x"], p, naive_eps), a["y_naive"], p, meta["source_eps"]) <= 1.0
+    a, p, meta = _golden(f"{fw}_train")
+    x = np.ascontiguousarray(np.moveaxis(a["x"], 1, axis))
+    _, rm, rv = impl.train(x, *(p[k] for k in KEYS), eps=1e-3, momentum=meta["momentum"], axis=axis)
+    # the golden statistics as the reference (unbiased=True: compared as they are)
+    _check_running(np.asarray(rm), np.asarray(rv), a["running_mean"], a["running_var"], p,
+                   meta["momentum"], x.size // x.shape[axis], True)
