@@ -235,6 +235,9 @@ def test_golden_files_are_what_the_live_framework_gives(reference):
     assert ratio(_run_eval(impl, axis, a["x"], tgt, meta["eps"]), a["y"], p, meta["source_eps"]) <= 1.0
     naive_eps = by_name(fw).eps if meta["target_eps"] is None else meta["target_eps"]
     assert ratio(_run_eval(impl, axis, a["x"], p, naive_eps), a["y_naive"], p, meta["source_eps"]) <= 1.0
+    if fw == "tf_fused":  # the file that says TF no longer floors eps (TF_FUSED.min_eps = 0)
+        a, p, meta = _golden("tf_fused_small_eps")
+        assert ratio(_run_eval(impl, axis, a["x"], p, meta["eps"]), a["y"], p, meta["eps"]) <= 1.0
     a, p, meta = _golden(f"{fw}_train")
     x = np.ascontiguousarray(np.moveaxis(a["x"], 1, axis))
     _, rm, rv = impl.train(x, *(p[k] for k in KEYS), eps=1e-3, momentum=meta["momentum"], axis=axis)
