@@ -28,7 +28,7 @@ help:
 	@echo "make experiment  regenerate every table and plot under docs/experiments"
 	@echo "make bench       every benchmark (~1 h) -> benchmarks/results/*.json and the tables in docs/performance.md"
 	@echo "make docs        build the reference site (mkdocs --strict, API reference) into site/ and check its links offline"
-	@echo "make golden-porting  remake tests/porting/golden with TF and Paddle in their own venvs (~1.5 GB)"
+	@echo "make golden-porting  remake tests/porting/golden with TF and Paddle in the reference venvs .venv-tf/.venv-paddle (~1.5 GB)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -92,7 +92,7 @@ test-corpus: $(STAMP_FW) $(STAMP_CORPUS)
 	touch $@
 
 test-reference: lint $(STAMP_FW) $(REF_STAMPS)
-	BNREF_REQUIRE_REFERENCE=1 BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m reference tests/conformance tests/corpus --durations=5
+	BNREF_REQUIRE_REFERENCE=1 BNREF_REQUIRE_FRAMEWORKS=1 $(PYTEST) -m reference tests/conformance tests/corpus tests/porting --durations=5
 
 test-slow: $(STAMP_TEST)
 	$(PYTEST) -m slow
@@ -125,12 +125,10 @@ docs: $(STAMP_DOCS)
 	$(PY) scripts/check_docs_links.py
 
 # Raw TF fused batch norm and Paddle are not in the test environment: their outputs for the
-# porting tests are golden vectors, made here in one venv per framework (pinned as measured).
+# porting tests are golden vectors, made here in the reference venvs (.venv-%, pinned above).
 .PHONY: golden-porting
-golden-porting:
-	$(PYTHON) -m venv .venv-tf && .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
+golden-porting: .venv-tf/.stamp .venv-paddle/.stamp
 	PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 .venv-tf/bin/python -m tests.porting.generate_golden tf
-	$(PYTHON) -m venv .venv-paddle && .venv-paddle/bin/pip install -q paddlepaddle==3.3.1
 	PYTHONPATH=. .venv-paddle/bin/python -m tests.porting.generate_golden paddle
 
 clean:

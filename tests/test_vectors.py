@@ -9,6 +9,7 @@ and bfloat16: both momentum meanings, Bessel or not, both channel axes, a 16-bit
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def test_reader_passes_the_vectors(small):
 
 
 def test_reader_never_imports_bnref(small):
-    allowed = {"__future__", "hashlib", "json", "sys", "pathlib", "numpy"}
+    allowed = {"__future__", "hashlib", "io", "json", "sys", "pathlib", "numpy"}
     for path in READER_DIR.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -73,7 +74,7 @@ def test_reader_never_imports_bnref(small):
     assert "0 outside tolerance" in done.stdout
 
 
-ORIGINAL = {n: getattr(R, n) for n in ("running_update", "batch_weight", "precise")}
+ORIGINAL = {n: getattr(R, n) for n in ("running_update", "batch_weight", "precise", "backward", "moments")}
 
 
 def _eps_outside_sqrt(r, mean, var, eps, scale, bias):
@@ -88,6 +89,34 @@ def _dx_without_projection(r, dy, mean, var, eps, scale):
     inv = 1.0 / np.sqrt(var + eps)
     dbias, dscale = dy.sum(axis=0), (dy * (r - mean) * inv).sum(axis=0)
     return scale * inv * (dy - dbias / r.shape[0]), dscale, dbias
+
+
+def _dscale_without_inv_std(r, dy, mean, var, eps, scale):
+    dx, _, dbias = ORIGINAL["backward"](r, dy, mean, var, eps, scale)
+    return dx, (dy * (r - mean)).sum(axis=0), dbias
+
+
+def _dbias_averaged(r, dy, mean, var, eps, scale):
+    dx, dscale, dbias = ORIGINAL["backward"](r, dy, mean, var, eps, scale)
+    return dx, dscale, dbias / r.shape[0]
+
+
+def _dscale_keepdims(r, dy, mean, var, eps, scale):
+    """Right values, shape (1, C): only a shape check sees it (a broadcast would pass)."""
+    dx, dscale, dbias = ORIGINAL["backward"](r, dy, mean, var, eps, scale)
+    return dx, dscale[None, :], dbias
+
+
+def _precise_mean_of_first_batch(batches):
+    out = ORIGINAL["precise"](batches)
+    out["precise_mean"] = ORIGINAL["moments"](batches[0])[0]
+    return out
+
+
+def _precise_var_without_between_batches(batches):
+    out = ORIGINAL["precise"](batches)
+    out["precise_var"] = np.mean([ORIGINAL["moments"](b)[1] for b in batches], axis=0)
+    return out
 
 
 def _naive_float32_moments(r):
@@ -115,7 +144,35 @@ BUGS = {  # reader function -> (planted bug, a quantity that must then fail)
     "E[x^2] - E[x]^2 in float32": ("moments", _naive_float32_moments, "y_train"),
     "bfloat16 bits read as float16": ("decode", _bfloat16_as_float16, "y_eval"),
     "mean of biased batch variances": ("precise", _batch_avg_biased, "precise_var_batch_avg"),
+    "dscale without 1/sqrt(var + eps)": ("backward", _dscale_without_inv_std, "dscale"),
+    "dbias averaged, not summed": ("backward", _dbias_averaged, "dbias"),
+    "dscale of shape (1, C)": ("backward", _dscale_keepdims, "dscale"),
+    "Precise-BN mean of one batch": ("precise", _precise_mean_of_first_batch, "precise_mean"),
+    "Precise-BN variance without the batches' spread": ("precise", _precise_var_without_between_batches,
+                                                        "precise_var"),
 }
+#: Every quantity the vectors define (docs/vectors.md); each case lists it as expected or omitted.
+QUANTITIES = {"y_train", "y_eval", "dx", "dscale", "dbias", "new_running_mean", "new_running_var",
+              "precise_mean", "precise_var", "precise_var_batch_avg"}
+
+
+def test_the_planted_bugs_cover_every_quantity():
+    assert {quantity for _, _, quantity in BUGS.values()} == QUANTITIES
+
+
+def test_every_case_lists_every_quantity_once(small):
+    """What a case does not expect is omitted with a reason, never silently missing; the
+    bound the reader applies is ``k * eps_dtype`` of the case's dtype."""
+    m = json.loads((small / "manifest.json").read_text())
+    for c in m["cases"]:
+        assert set(c["expected"]) | set(c["omitted"]) == QUANTITIES, c["id"]
+        assert not set(c["expected"]) & set(c["omitted"]), c["id"]
+        assert all(c["omitted"].values()), c["id"]
+        for spec in c["expected"].values():
+            assert spec["k"] == m["tolerance"]["k"][c["dtype"]]
+            assert spec["bound"] == spec["k"] * spec["eps_dtype"]
+            dt = ml_dtypes.bfloat16 if c["dtype"] == "bfloat16" else np.dtype(c["dtype"])
+            assert spec["eps_dtype"] == float(ml_dtypes.finfo(dt).eps)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
@@ -203,3 +260,17 @@ def test_every_convention_and_dtype(tmp_path):
     cli("-o", str(out))
     cases, _, failures = R.check_directory(out)
     assert failures == [] and cases == len(bv.CONVENTIONS) * (4 * 9 + 2 * 2)
+
+
+def test_reader_refuses_files_that_disagree_with_the_manifest(small, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(small, root)
+    m = json.loads((root / "manifest.json").read_text())
+    case = m["cases"][0]
+    wrong_shape = json.loads(json.dumps(case))
+    wrong_shape["inputs"]["x"]["shape"] = [1, *case["inputs"]["x"]["shape"]]
+    with pytest.raises(ValueError, match=r"x stored as \w+ \[.*manifest says"):
+        R.load_case(root, wrong_shape)
+    (root / case["file"]).write_bytes((root / case["file"]).read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="sha256 differs from the manifest"):
+        R.load_case(root, case)

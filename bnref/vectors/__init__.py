@@ -21,9 +21,9 @@ import numpy as np
 
 from bnref._version import __version__
 from bnref.conventions import ALL, Convention, by_name
-from bnref.testing.ranges import float_info
+from bnref.testing.tolerances import Tolerance
 from bnref.vectors.cases import SEED, Case, build_cases
-from bnref.vectors.expected import TOLERANCE_K, expected
+from bnref.vectors.expected import expected
 from bnref.vectors.store import encode, npz_bytes, sha256, write_directory
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "DTYPES", "CONVENTIONS", "build", "generate"]
@@ -60,12 +60,11 @@ def _case_file(conv: Convention, case: Case, dtype_name: str) -> tuple[str, byte
         a = getattr(case, name)
         if a is not None:
             arrays[name], entries[name] = encode(a)
-    k = TOLERANCE_K[dtype_name]
-    eps_dtype = 2 * float_info(_dtype(dtype_name))[2]
+    tol = Tolerance.for_dtype(_dtype(dtype_name))
     quantities = {}
     for q, (value, scale) in want.items():
         arrays[q], arrays[f"scale_{q}"] = np.asarray(value, np.float64), np.asarray(scale, np.float64)
-        quantities[q] = {"k": k, "eps_dtype": eps_dtype, "bound": k * eps_dtype, "scale": f"scale_{q}",
+        quantities[q] = {"k": tol.k, "eps_dtype": tol.eps, "bound": tol.bound, "scale": f"scale_{q}",
                          "shape": list(np.shape(value))}
     data = npz_bytes(arrays)
     ident = f"{conv.name}-{dtype_name}-{case.name}"
@@ -96,7 +95,7 @@ def build(conventions=None, dtypes=None) -> tuple[dict[str, bytes], dict]:
         "format": FORMAT, "format_version": FORMAT_VERSION, "bnref_version": __version__,
         "seed": SEED, "conventions": [c.name for c in convs], "dtypes": names,
         "tolerance": {"rule": "|got - want| <= bound * scale + tiny", "tiny": _TINY64,
-                      "k": {d: TOLERANCE_K[d] for d in names}},
+                      "k": {d: Tolerance.for_dtype(_dtype(d)).k for d in names}},
         "inputs": list(_INPUTS), "cases": cases,
     }
     return files, manifest

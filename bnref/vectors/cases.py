@@ -20,6 +20,7 @@ import numpy as np
 
 from bnref.conventions import Convention
 from bnref.testing.ranges import float_info, gradient_rms, headroom, std_range
+from bnref.testing.strategies import BNCase
 
 #: Base seed of every case; changing it changes every file (bump ``FORMAT_VERSION`` then).
 SEED = 20240524
@@ -32,18 +33,14 @@ HUGE_STD = {"float64": 1e6, "float32": 1e5, "float16": 50.0, "bfloat16": 1e15}
 
 
 @dataclass(frozen=True, eq=False)
-class Case:
-    """One set of inputs in the case's dtype; ``precise_x`` stacks the Precise-BN batches."""
+class Case(BNCase):
+    """A ``BNCase`` (inputs in the case's dtype) with its name, eps, momentum and Precise-BN batches.
+
+    ``precise_x`` stacks the Precise-BN batches (None: no Precise-BN statistics expected).
+    """
 
     name: str
     description: str
-    x: np.ndarray
-    scale: np.ndarray
-    bias: np.ndarray
-    running_mean: np.ndarray
-    running_var: np.ndarray
-    dy: np.ndarray
-    axis: int
     eps: float
     momentum: float
     precise_x: np.ndarray | None

@@ -1,7 +1,8 @@
 """Expected values and natural scales of one case, in float64, from bnref itself.
 
 Every quantity ``q`` comes with a per-element natural scale; a result passes where
-``|got - want| <= k * eps_dtype * scale + 2**-1022`` (``k`` by dtype, ``TOLERANCE_K``). With
+``|got - want| <= k * eps_dtype * scale + 2**-1022`` (``k`` by dtype: ``bnref.testing``'s
+``Tolerance.for_dtype``, bfloat16 like float16). With
 ``x_hat`` and ``inv_std = 1 / sqrt(var + eps)`` from the float64 statistics, ``rms`` the
 per-channel root mean square of dy, sums over every axis but the channels, and
 ``c = |mean| * inv_std`` per channel (the conditioning of subtracting the mean: rounding the
@@ -37,16 +38,12 @@ from bnref.moments import Moments
 from bnref.precise import PreciseBN
 from bnref.vectors.cases import Case
 
-#: ``k`` per dtype: bnref.testing's table (float16 8, float32 64, float64 1e4); bfloat16 is
-#: computed in float32 and rounded once like float16, so it gets float16's 8.
-TOLERANCE_K = {"float16": 8.0, "bfloat16": 8.0, "float32": 64.0, "float64": 1e4}
-
 
 def _f64(a: np.ndarray) -> np.ndarray:
     return np.asarray(a).astype(np.float64)
 
 
-def _forward(case: Case, ax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _forward(case: Case, ax: int) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], Moments]:
     x = _f64(case.x)
     shp = channel_shape(x.ndim, ax, -1)
     s, b = _f64(case.scale), _f64(case.bias)
@@ -74,7 +71,7 @@ def _forward(case: Case, ax: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     abs_dy = np.sum(np.abs(dy), axis=axes)
     out["dscale"] = (ds, np.sum(np.abs(dy * x_hat), axis=axes) + c * abs_dy + 1.0)
     out["dbias"] = (db, abs_dy + 1.0)
-    return out
+    return out, cache.moments
 
 
 def _running(case: Case, conv: Convention, moments: Moments, omitted: dict[str, str]):
@@ -110,7 +107,7 @@ def expected(case: Case, conv: Convention) -> tuple[dict, dict[str, str]]:
     """``({quantity: (want, natural_scale)}, {omitted quantity: why})``, float64 arrays."""
     ax = case.axis % case.x.ndim
     omitted = dict(case.omitted)
-    out = _forward(case, ax)
-    out.update(_running(case, conv, Moments.from_array(_f64(case.x), ax), omitted))
+    out, moments = _forward(case, ax)  # the batch's moments, as the forward pass computed them
+    out.update(_running(case, conv, moments, omitted))
     out.update(_precise(case, ax))
     return out, omitted

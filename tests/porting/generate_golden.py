@@ -69,7 +69,7 @@ def _train_file(fw: str, version: str, train, *, torch_momentum: float, seed: in
 
 
 def tf_files() -> None:
-    """Raw ``tf.compat.v1.nn.fused_batch_norm`` (NHWC), which floors eps at 1.001e-5."""
+    """Raw ``tf.compat.v1.nn.fused_batch_norm`` (NHWC); TF 2.21 no longer floors eps on the CPU."""
     import tensorflow as tf
 
     def infer(x, p, eps):
@@ -86,7 +86,7 @@ def tf_files() -> None:
 
     _port_files("tf_fused", tf.__version__, infer, src_eps=1e-3, torch_eps=1e-5,
                 target_eps=None, seed=11)
-    # does this TF floor a small eps at 1.001e-5 (bnref.conventions.TF_FUSED.min_eps)?
+    # does this TF floor a small eps at 1.001e-5, as older TF did? (test_golden_tf_small_eps_is_not_floored)
     p = parameters(15)
     x = inputs(15, p)
     _save("tf_fused_small_eps", {"framework": "tf_fused", "version": tf.__version__, "eps": 1e-7},

@@ -1,8 +1,9 @@
 """``convert`` through the real frameworks: X -> PyTorch and PyTorch -> X.
 
 Live: Keras 3 (JAX), Flax linen and onnxruntime against PyTorch. Raw TF fused batch norm and
-Paddle are not installed here: their outputs come from ``golden/`` (``generate_golden.py``),
-with PyTorch live on the other side. Every comparison is float32, elementwise
+Paddle are not in the main environment: their outputs come from ``golden/``
+(``generate_golden.py``), with PyTorch live on the other side; where their reference venvs exist
+(``make test-all``, ``make test-reference``) the live framework must reproduce every golden file. Every comparison is float32, elementwise
 ``|y_target - y_source| <= 64 * eps32 * (|scale| (1 + |x_hat|) + |bias|)`` (x_hat from the
 source's parameters); the naive port (parameters copied, the target's eps) must fail it.
 """
@@ -29,7 +30,6 @@ KEYS = ("scale", "bias", "mean", "var")
 BOUND = 64 * float(np.finfo(np.float32).eps)
 
 
-
 def ratio(y_got, y_want, p, eps):
     """Worst |error| / allowed, NCHW, natural scale from the source parameters ``p`` and eps.
 
@@ -43,6 +43,11 @@ def ratio(y_got, y_want, p, eps):
     return float(np.max(np.abs(np.asarray(y_got, np.float64) - y_want) / (BOUND * nat)))
 
 
+def params(r) -> dict[str, np.ndarray]:
+    """``scale, bias, mean, var`` of a ``Converted`` as the dict the runners take."""
+    return {k: getattr(r, k) for k in KEYS}
+
+
 def torch_eval(x, p, eps):
     return adapters.torch_functional().eval(x, *(p[k] for k in KEYS), eps=eps, axis=1)
 
@@ -53,7 +58,7 @@ def torch_train(x, p, momentum):
     return rm, rv
 
 
-# -- live: (framework, convention, channel axis, eps as source, eps as target) -------------------
+# -- live: framework -> (its adapter, channel axis, its eps as the source) ------------------------
 
 
 def _keras():
@@ -72,9 +77,15 @@ def _ort():
     return adapters.onnxruntime_cpu(training=True)
 
 
-LIVE = {"keras": (_keras, -1, 1e-3, None), "flax": (_flax, -1, 1e-3, None),
-        "onnx": (_ort, 1, 1e-4, None)}
+LIVE = {"keras": (_keras, -1, 1e-3), "flax": (_flax, -1, 1e-3), "onnx": (_ort, 1, 1e-4)}
 TORCH_EPS = 1e-4  # PyTorch's side of PyTorch -> X: an eps no target has by default
+
+
+def _live(name, seed):
+    """``(impl, axis, source eps, p, x)`` for a live framework and seeded inputs."""
+    make, axis, src_eps = LIVE[name]
+    p = parameters(seed)
+    return make(), axis, src_eps, p, inputs(seed, p)
 
 
 def _run_eval(impl, axis, x, p, eps):
@@ -84,29 +95,21 @@ def _run_eval(impl, axis, x, p, eps):
 
 @pytest.mark.parametrize("name", sorted(LIVE))
 def test_framework_to_pytorch(name):
-    make, axis, src_eps, _ = LIVE[name]
-    impl = make()
-    p = parameters(31)
-    x = inputs(31, p)
+    impl, axis, src_eps, p, x = _live(name, 31)
     y_src = _run_eval(impl, axis, x, p, src_eps)
     r = convert(*(p[k] for k in KEYS), source=name, target="pytorch", source_eps=src_eps)
-    assert ratio(torch_eval(x, {k: getattr(r, k) for k in KEYS}, r.eps), y_src, p, src_eps) <= 1.0
+    assert ratio(torch_eval(x, params(r), r.eps), y_src, p, src_eps) <= 1.0
     assert ratio(torch_eval(x, p, 1e-5), y_src, p, src_eps) > 10  # the naive port is caught
 
 
 @pytest.mark.parametrize("name", sorted(LIVE))
 def test_pytorch_to_framework(name):
-    make, axis, _, tgt_eps = LIVE[name]
-    impl = make()
-    p = parameters(32)
-    x = inputs(32, p)
+    impl, axis, _, p, x = _live(name, 32)
     y_torch = torch_eval(x, p, TORCH_EPS)
-    r = convert(*(p[k] for k in KEYS), source="pytorch", target=name, source_eps=TORCH_EPS,
-                target_eps=tgt_eps)
-    y = _run_eval(impl, axis, x, {k: getattr(r, k) for k in KEYS}, r.eps)
+    r = convert(*(p[k] for k in KEYS), source="pytorch", target=name, source_eps=TORCH_EPS)
+    y = _run_eval(impl, axis, x, params(r), r.eps)
     assert ratio(y, y_torch, p, TORCH_EPS) <= 1.0
-    naive_eps = by_name(name).eps if tgt_eps is None else tgt_eps
-    assert ratio(_run_eval(impl, axis, x, p, naive_eps), y_torch, p, TORCH_EPS) > 10
+    assert ratio(_run_eval(impl, axis, x, p, by_name(name).eps), y_torch, p, TORCH_EPS) > 10
 
 
 def _biased_from_torch(rv_torch, old, w, n):
@@ -126,10 +129,7 @@ def _check_running(rm, rv, rm_t, rv_t, p, w, n, unbiased):
 @pytest.mark.parametrize("name", sorted(LIVE))
 def test_momentum_through_frameworks(name):
     """PyTorch momentum 0.3 and its conversion give the same running statistics."""
-    make, axis, _, _ = LIVE[name]
-    impl = make()
-    p = parameters(33)
-    x = inputs(33, p)
+    impl, axis, _, p, x = _live(name, 33)
     m = convert(*(p[k] for k in KEYS), source="pytorch", target=name, source_momentum=0.3).momentum
     assert m == 0.7
     _, rm, rv = impl.train(np.ascontiguousarray(np.moveaxis(x, 1, axis)), *(p[k] for k in KEYS),
@@ -142,25 +142,24 @@ def test_momentum_through_frameworks(name):
 
 
 def _golden(name):
-    path = GOLDEN / f"{name}.npz"
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files if k != "meta"}, json.loads(str(z["meta"]))
+    """``(arrays, source parameters, meta)`` of ``golden/<name>.npz``."""
+    with np.load(GOLDEN / f"{name}.npz") as z:
+        a = {k: z[k] for k in z.files if k != "meta"}
+        return a, {k: a[f"src_{k}"] for k in KEYS}, json.loads(str(z["meta"]))
 
 
 @pytest.mark.parametrize("fw", ["tf_fused", "paddle"])
 def test_golden_framework_to_pytorch(fw):
-    a, meta = _golden(f"{fw}_to_pytorch")
-    p = {k: a[f"src_{k}"] for k in KEYS}
+    a, p, meta = _golden(f"{fw}_to_pytorch")
     r = convert(*(p[k] for k in KEYS), source=fw, target="pytorch", source_eps=meta["source_eps"])
     eps_used = meta["source_eps"]  # 1e-3 and 1e-5: no floor applies
-    assert ratio(torch_eval(a["x"], {k: getattr(r, k) for k in KEYS}, r.eps), a["y"], p, eps_used) <= 1.0
+    assert ratio(torch_eval(a["x"], params(r), r.eps), a["y"], p, eps_used) <= 1.0
     assert ratio(torch_eval(a["x"], p, 1e-5), a["y"], p, eps_used) > 10  # PyTorch's default eps
 
 
 @pytest.mark.parametrize("fw", ["tf_fused", "paddle"])
 def test_golden_pytorch_to_framework(fw):
-    a, meta = _golden(f"pytorch_to_{fw}")
-    p = {k: a[f"src_{k}"] for k in KEYS}
+    a, p, meta = _golden(f"pytorch_to_{fw}")
     r = convert(*(p[k] for k in KEYS), source="pytorch", target=fw, source_eps=meta["source_eps"],
                 target_eps=meta["target_eps"])
     for k, v in zip(KEYS, r[:4], strict=True):  # the framework ran on exactly what convert returns today
@@ -173,8 +172,7 @@ def test_golden_pytorch_to_framework(fw):
 
 @pytest.mark.parametrize("fw", ["tf_fused", "paddle"])
 def test_golden_momentum(fw):
-    a, meta = _golden(f"{fw}_train")
-    p = {k: a[f"src_{k}"] for k in KEYS}
+    a, p, meta = _golden(f"{fw}_train")
     m = convert(*(p[k] for k in KEYS), source="pytorch", target=fw,
                 source_momentum=meta["torch_momentum"]).momentum
     assert m == meta["momentum"] == {"tf_fused": 0.3, "paddle": 0.7}[fw]
@@ -185,7 +183,7 @@ def test_golden_momentum(fw):
 
 
 def test_golden_files_are_from_the_frameworks():
-    metas = [_golden(p.stem)[1] for p in sorted(GOLDEN.glob("*.npz"))]
+    metas = [_golden(p.stem)[2] for p in sorted(GOLDEN.glob("*.npz"))]
     assert {(m["framework"], m["version"].split(".")[0]) for m in metas} >= {("tf_fused", "2"),
                                                                             ("paddle", "3")}
 
@@ -194,12 +192,55 @@ def test_golden_tf_small_eps_is_not_floored():
     """Measured: TF 2.21's ``fused_batch_norm`` uses an eps below 1.001e-5 as given (earlier
     wrappers floored it at 1.001e-5 for cuDNN). A model saved with such an eps and run by this
     TF ports correctly with ``min_eps=0``, not with the old floor."""
-    a, meta = _golden("tf_fused_small_eps")
-    p = {k: a[f"src_{k}"] for k in KEYS}
+    a, p, meta = _golden("tf_fused_small_eps")
     no_floor = replace(TF_FUSED, min_eps=0.0)
     r = convert(*(p[k] for k in KEYS), source=no_floor, target="pytorch", source_eps=meta["eps"])
-    assert ratio(torch_eval(a["x"], {k: getattr(r, k) for k in KEYS}, r.eps), a["y"], p, meta["eps"]) <= 1.0
+    assert ratio(torch_eval(a["x"], params(r), r.eps), a["y"], p, meta["eps"]) <= 1.0
     old_floor = replace(TF_FUSED, min_eps=1.001e-5)
     floored = convert(*(p[k] for k in KEYS), source=old_floor, target="pytorch", source_eps=meta["eps"])
-    assert ratio(torch_eval(a["x"], {k: getattr(floored, k) for k in KEYS}, floored.eps), a["y"], p,
+    assert ratio(torch_eval(a["x"], params(floored), floored.eps), a["y"], p,
                  meta["eps"]) > 10
+
+
+# -- live TF and Paddle, where their reference venvs exist (make test-all, make test-reference) ---
+
+#: framework -> (its venv, the adapter in tests.conformance that runs it there, kwargs, channel axis)
+REFERENCE = {"tf_fused": ("tf", "adapters_tf:tf_fused", {"api": "v1"}, -1),
+             "paddle": ("paddle", "adapters_paddle:functional", {}, 1)}
+
+
+@pytest.fixture(scope="module", params=sorted(REFERENCE))
+def reference(request):
+    """``(framework, its BatchNormImpl run in its own venv, channel axis)``; skips without the venv
+    (an error under ``BNREF_REQUIRE_REFERENCE=1``)."""
+    from tests.conformance.remote import remote_impl, start_worker
+
+    venv, builder, kwargs, axis = REFERENCE[request.param]
+    worker = start_worker(venv, {"TF_CPP_MIN_LOG_LEVEL": "3"})
+    try:
+        yield request.param, remote_impl(worker, builder, **kwargs), axis
+    finally:
+        worker.close()
+
+
+@pytest.mark.reference
+def test_golden_files_are_what_the_live_framework_gives(reference):
+    """The pinned framework, run live, reproduces every golden file it made, so the golden tests
+    above hold for it: both ports' inference outputs, the naive port, one training step."""
+    fw, impl, axis = reference
+    a, p, meta = _golden(f"{fw}_to_pytorch")
+    assert ratio(_run_eval(impl, axis, a["x"], p, meta["source_eps"]), a["y"], p, meta["source_eps"]) <= 1.0
+    a, p, meta = _golden(f"pytorch_to_{fw}")  # tgt_*: what convert returns (test_golden_pytorch_to_framework)
+    tgt = {k: a[f"tgt_{k}"] for k in KEYS}
+    assert ratio(_run_eval(impl, axis, a["x"], tgt, meta["eps"]), a["y"], p, meta["source_eps"]) <= 1.0
+    naive_eps = by_name(fw).eps if meta["target_eps"] is None else meta["target_eps"]
+    assert ratio(_run_eval(impl, axis, a["x"], p, naive_eps), a["y_naive"], p, meta["source_eps"]) <= 1.0
+    if fw == "tf_fused":  # the file that says TF no longer floors eps (TF_FUSED.min_eps = 0)
+        a, p, meta = _golden("tf_fused_small_eps")
+        assert ratio(_run_eval(impl, axis, a["x"], p, meta["eps"]), a["y"], p, meta["eps"]) <= 1.0
+    a, p, meta = _golden(f"{fw}_train")
+    x = np.ascontiguousarray(np.moveaxis(a["x"], 1, axis))
+    _, rm, rv = impl.train(x, *(p[k] for k in KEYS), eps=1e-3, momentum=meta["momentum"], axis=axis)
+    # the golden statistics as the reference (unbiased=True: compared as they are)
+    _check_running(np.asarray(rm), np.asarray(rv), a["running_mean"], a["running_var"], p,
+                   meta["momentum"], x.size // x.shape[axis], True)

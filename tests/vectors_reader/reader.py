@@ -12,6 +12,7 @@ Usage: ``python reader.py DIR`` (exit status 1 and one line per failure if any).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -36,12 +37,14 @@ def load_case(root: Path, case: dict) -> dict[str, np.ndarray]:
     data = (root / case["file"]).read_bytes()
     if hashlib.sha256(data).hexdigest() != case["sha256"]:
         raise ValueError(f"{case['file']}: sha256 differs from the manifest")
-    with np.load(root / case["file"], allow_pickle=False) as z:
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:  # the bytes just checked
         arrays = {k: z[k] for k in z.files}
     for name, entry in case["inputs"].items():
-        if arrays[name].dtype.name != entry["stored_as"]:
-            raise ValueError(f"{case['file']}: {name} stored as {arrays[name].dtype}, manifest says {entry['stored_as']}")
-        arrays[name] = decode(arrays[name], entry)
+        a = arrays[name]
+        if (a.dtype.name, list(a.shape)) != (entry["stored_as"], entry["shape"]):
+            raise ValueError(f"{case['file']}: {name} stored as {a.dtype} {list(a.shape)}, manifest says "
+                             f"{entry['stored_as']} {entry['shape']}")
+        arrays[name] = decode(a, entry)
     return arrays
 
 
@@ -124,15 +127,20 @@ def compute(case: dict, a: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def check_case(root: Path, case: dict, tiny: float) -> tuple[int, list[str]]:
-    """``(quantities checked, failures)`` for one case."""
+    """``(quantities compared, failures)`` for one case."""
     a = load_case(root, case)
     got = compute(case, a)
-    failures = []
+    compared, failures = 0, []
     for q, spec in case["expected"].items():
         if q not in got:
             failures.append(f"{case['id']}: {q}: not computed")
             continue
         want, scale = a[q], a[spec["scale"]]
+        shapes = {tuple(spec["shape"]), np.shape(got[q]), want.shape, scale.shape}
+        if len(shapes) > 1:  # compared elementwise: a broadcast would hide missing elements
+            failures.append(f"{case['id']}: {q}: shapes differ: {sorted(shapes)}")
+            continue
+        compared += 1
         err = np.abs(np.asarray(got[q], np.float64) - want)
         allowed = spec["bound"] * scale + tiny
         bad = ~(err <= allowed)  # NaN counts as bad
@@ -140,7 +148,7 @@ def check_case(root: Path, case: dict, tiny: float) -> tuple[int, list[str]]:
             i = int(np.argmax(np.where(bad, err / allowed, 0)))
             failures.append(f"{case['id']}: {q}: |error| {err.flat[i]:.3g} > allowed {allowed.flat[i]:.3g} "
                             f"(element {i}: got {np.ravel(got[q])[i]!r}, want {want.flat[i]!r})")
-    return len(case["expected"]), failures
+    return compared, failures
 
 
 def check_directory(root) -> tuple[int, int, list[str]]:
