@@ -15,6 +15,7 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 
+import ml_dtypes
 import numpy as np
 
 import bnref
@@ -37,6 +38,9 @@ QUANTITIES = (
 
 #: Environment variable naming the JSON file the session writes its results to.
 JSON_ENV = "BNREF_CONFORMANCE_JSON"
+
+#: bfloat16 (``ml_dtypes``, a dependency of bnref-onnx) as a NumPy dtype.
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -95,6 +99,11 @@ def batches(shape, axis, dtype, k: int, seed: int = 0) -> list[np.ndarray]:
         z = rng.standard_normal(shape)
         out.append((z * mu.std().reshape(cs) + mu.mean.reshape(cs)).astype(dtype))
     return out
+
+
+def config_id(v) -> str:
+    """A test id for a ``(rank, axis, eps, momentum)`` configuration or a dtype."""
+    return np.dtype(v).name if not isinstance(v, tuple) else "rank{}-axis{}-eps{}-mom{}".format(*v)
 
 
 def with_eps(conv: Convention, eps: float | None) -> Convention:
