@@ -107,8 +107,9 @@ def config_id(v) -> str:
 
 
 def with_eps(conv: Convention, eps: float | None) -> Convention:
-    """``conv`` with a non-default eps (what a user passing ``eps=`` gets)."""
-    return conv if eps is None else replace(conv, eps=eps, min_eps=0.0)
+    """``conv`` with a non-default eps (what a user passing ``eps=`` gets: still floored at
+    ``conv.min_eps``, as ``Convention.effective_eps`` says)."""
+    return conv if eps is None else replace(conv, eps=eps)
 
 
 # -- recorder -------------------------------------------------------------------------------------
