@@ -127,10 +127,8 @@ docs: $(STAMP_DOCS)
 # Raw TF fused batch norm and Paddle are not in the test environment: their outputs for the
 # porting tests are golden vectors, made here in one venv per framework (pinned as measured).
 .PHONY: golden-porting
-golden-porting:
-	$(PYTHON) -m venv .venv-tf && .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
+golden-porting: .venv-tf/.stamp .venv-paddle/.stamp
 	PYTHONPATH=. TF_CPP_MIN_LOG_LEVEL=3 .venv-tf/bin/python -m tests.porting.generate_golden tf
-	$(PYTHON) -m venv .venv-paddle && .venv-paddle/bin/pip install -q paddlepaddle==3.3.1
 	PYTHONPATH=. .venv-paddle/bin/python -m tests.porting.generate_golden paddle
 
 clean:
