@@ -26,7 +26,7 @@ def check_array(x: object, name: str = "x") -> np.ndarray:
         x = np.asarray(x)
     if x.dtype not in FLOAT_DTYPES and x.dtype not in _extra_float_dtypes():
         raise TypeError(
-            f"{name} must be a floating-point array (float16, float32, float64), got dtype {x.dtype}"
+            f"{name} must be a floating-point array (float16, float32, float64, bfloat16), got dtype {x.dtype}"
         )
     if x.ndim < 2:
         raise ValueError(

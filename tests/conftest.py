@@ -9,6 +9,9 @@ import os
 
 from hypothesis import HealthCheck, settings
 
+#: The reference environments' worker fixtures, one per session for every directory.
+pytest_plugins = ["tests.conformance.workers"]
+
 settings.register_profile(
     "ci",
     deadline=None,

@@ -44,6 +44,9 @@ import numpy as np
 from bnref._validation import channel_shape
 from bnref.testing.ranges import float_info
 
+#: ``k`` per dtype name (module doc); any other float dtype gets 64.
+_DEFAULT_K = {"float16": 8.0, "bfloat16": 8.0, "float32": 64.0, "float64": 1e4}
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -56,9 +59,7 @@ class Tolerance:
     def for_dtype(cls, dtype: np.dtype, k: float | None = None) -> Tolerance:
         """Default ``k`` (module doc): 8 for float16 and bfloat16, 64 for float32, 1e4 for float64."""
         dtype = np.dtype(dtype)
-        default_k = {np.float16: 8.0, np.float32: 64.0, np.float64: 1e4}.get(dtype.type, 64.0)
-        if dtype.name == "bfloat16":  # ml_dtypes' type: np.finfo does not know it
-            default_k = 8.0
+        default_k = _DEFAULT_K.get(dtype.name, 64.0)  # by name: bfloat16 is ml_dtypes' type
         return cls(k=default_k if k is None else k, eps=2 * float_info(dtype)[2])
 
     @property

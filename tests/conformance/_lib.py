@@ -15,6 +15,7 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 
+import ml_dtypes
 import numpy as np
 
 import bnref
@@ -37,6 +38,9 @@ QUANTITIES = (
 
 #: Environment variable naming the JSON file the session writes its results to.
 JSON_ENV = "BNREF_CONFORMANCE_JSON"
+
+#: bfloat16 (``ml_dtypes``, a dependency of bnref-onnx) as a NumPy dtype.
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -97,9 +101,15 @@ def batches(shape, axis, dtype, k: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
+def config_id(v) -> str:
+    """A test id for a ``(rank, axis, eps, momentum)`` configuration or a dtype."""
+    return np.dtype(v).name if not isinstance(v, tuple) else "rank{}-axis{}-eps{}-mom{}".format(*v)
+
+
 def with_eps(conv: Convention, eps: float | None) -> Convention:
-    """``conv`` with a non-default eps (what a user passing ``eps=`` gets)."""
-    return conv if eps is None else replace(conv, eps=eps, min_eps=0.0)
+    """``conv`` with a non-default eps (what a user passing ``eps=`` gets: still floored at
+    ``conv.min_eps``, as ``Convention.effective_eps`` says)."""
+    return conv if eps is None else replace(conv, eps=eps)
 
 
 # -- recorder -------------------------------------------------------------------------------------

@@ -11,9 +11,11 @@ import pytest
 from bnref.conventions import KERAS
 from bnref.testing import Tolerance, check_case
 from tests.conformance._lib import (
+    BF16,
     batches,
     check_updates,
     compare,
+    config_id,
     make_case,
     replay,
     shape_with_channels,
@@ -21,8 +23,6 @@ from tests.conformance._lib import (
 )
 from tests.conformance.remote import remote_impl
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
-BF16 = np.dtype(ml_dtypes.bfloat16)
 pytestmark = [pytest.mark.frameworks, pytest.mark.reference]
 
 CONFIGS = [(2, -1, None, None), (4, -1, None, None), (3, 1, None, None), (4, -1, 1e-5, 0.9)]
@@ -37,10 +37,6 @@ def keras_worker(request):
     return request.getfixturevalue("tf_worker")
 
 
-def _id(v):
-    return np.dtype(v).name if not isinstance(v, tuple) else "rank{}-axis{}-eps{}-mom{}".format(*v)
-
-
 def _row(worker):
     d = worker.call("adapters_tf:keras_defaults", module="keras")
     return f"Keras 3 ({'TensorFlow' if d['backend'] == 'tensorflow' else d['backend']})", d
@@ -51,12 +47,12 @@ def test_defaults_match_convention(keras_worker):
     assert (d["momentum"], d["epsilon"], d["axis"]) == (KERAS.momentum, KERAS.eps, KERAS.channel_axis)
 
 
-@pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=_id)
+@pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=config_id)
 def test_batch_normalization(matrix, keras_worker, cfg, dtype):
     rank, axis, eps, mom = cfg
     framework, d = _row(keras_worker)
     case = make_case(shape_with_channels(rank, axis), axis, dtype, seed=20 + rank)
-    tol, variant = None, _id(cfg)
+    tol, variant = None, config_id(cfg)
     if d["backend"] == "torch" and dtype == np.float64:
         tol, variant = Tolerance.for_dtype(np.float32), variant + " at float32's bound (see below)"
     compare(matrix, framework, "layers.BatchNormalization", keras_worker.versions["keras"],

@@ -15,6 +15,7 @@ from tests.conformance._lib import (
     batches,
     check_updates,
     compare,
+    config_id,
     make_case,
     replay,
     shape_with_channels,
@@ -29,10 +30,6 @@ CONFIGS = [(2, 1, None, None), (3, 1, None, None), (4, 1, None, None), (4, -1, N
 CFG_DTYPES = [(c, np.float32) for c in CONFIGS] + [(CONFIGS[2], np.float64), (CONFIGS[2], np.float16)]
 
 
-def _id(v):
-    return np.dtype(v).name if not isinstance(v, tuple) else "rank{}-axis{}-eps{}-mom{}".format(*v)
-
-
 def test_defaults_match_convention(mxnet_worker):
     d = mxnet_worker.call("adapters_mxnet:defaults")
     g = d["gluon"]
@@ -42,11 +39,11 @@ def test_defaults_match_convention(mxnet_worker):
     assert "eps : double, optional, default=0.001" in doc and "fix_gamma : boolean, optional, default=1" in doc
 
 
-@pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=_id)
+@pytest.mark.parametrize("cfg,dtype", CFG_DTYPES, ids=config_id)
 def test_batch_norm_operator(matrix, mxnet_worker, cfg, dtype):
     rank, axis, eps, mom = cfg
     case = make_case(shape_with_channels(rank, axis), axis, dtype, seed=80 + rank)
-    variant = _id(cfg)
+    variant = config_id(cfg)
     if dtype == np.float64:  # momentum is a float32 parameter of the operator
         mom = float(np.float32(mom or MXNET.momentum))
         variant += ", momentum as float32"

@@ -13,9 +13,11 @@ import pytest
 
 from bnref.conventions import KERAS, TF_FUSED, TF_KERAS2
 from tests.conformance._lib import (
+    BF16,
     batches,
     check_updates,
     compare,
+    config_id,
     make_case,
     replay,
     shape_with_channels,
@@ -23,15 +25,9 @@ from tests.conformance._lib import (
 )
 from tests.conformance.remote import remote_impl
 
-ml_dtypes = pytest.importorskip("ml_dtypes")
-BF16 = np.dtype(ml_dtypes.bfloat16)
 pytestmark = [pytest.mark.frameworks, pytest.mark.reference]
 
 HALF = [np.float16, BF16]
-
-
-def _id(v):
-    return np.dtype(v).name if not isinstance(v, tuple) else "rank{}-axis{}-eps{}-mom{}".format(*v)
 
 
 def tf_keras2_for(rank: int):
@@ -46,14 +42,14 @@ FUSED = [(c, np.float32) for c in FUSED_CONFIGS] + [(FUSED_CONFIGS[0], dt) for d
 
 
 @pytest.mark.parametrize("api", ["raw", "v1"])
-@pytest.mark.parametrize("cfg,dtype", FUSED, ids=_id)
+@pytest.mark.parametrize("cfg,dtype", FUSED, ids=config_id)
 def test_fused_batch_norm(matrix, tf_worker, api, cfg, dtype):
     rank, axis, eps, mom = cfg
     case = make_case(shape_with_channels(rank, axis), axis, dtype, seed=40 + rank)
     name = "raw_ops.FusedBatchNormV3" if api == "raw" else "compat.v1.nn.fused_batch_norm"
     compare(matrix, "TensorFlow", name, tf_worker.versions["tensorflow"],
             remote_impl(tf_worker, "adapters_tf:tf_fused", api=api), with_eps(TF_FUSED, eps), case,
-            momentum=mom, variant=_id(cfg))
+            momentum=mom, variant=config_id(cfg))
 
 
 def test_fused_eps_is_not_floored(matrix, tf_worker):
@@ -68,8 +64,9 @@ def test_fused_eps_is_not_floored(matrix, tf_worker):
                 with_eps(TF_FUSED, 1e-8), case, momentum=1.0, variant="eps=1e-8 at std 1e-4")
         y = impl.train(case.x, case.scale, case.bias, case.running_mean, case.running_var,
                        eps=1e-8, momentum=1.0, axis=-1)[0]
-        floored = replace(TF_FUSED, min_eps=1.001e-5)
-        with pytest.raises(AssertionError, match="y"):
+        # the same eps=1e-8 under the old record's floor: bnref then uses 1.001e-5 and y differs
+        floored = replace(TF_FUSED, eps=1e-8, min_eps=1.001e-5)
+        with pytest.raises(AssertionError, match=r"y \(training mode\) differs"):
             compare(matrix.__class__(), "x", "x", "x", _fixed(y), floored, case, momentum=1.0)
 
 
@@ -87,13 +84,13 @@ MOMENTS = [(c, np.float32) for c in MOMENTS_CONFIGS] + [(MOMENTS_CONFIGS[2], dt)
 TF_NN = replace(KERAS, name="tf.nn (user EMA)")
 
 
-@pytest.mark.parametrize("cfg,dtype", MOMENTS, ids=_id)
+@pytest.mark.parametrize("cfg,dtype", MOMENTS, ids=config_id)
 def test_moments_and_batch_normalization(matrix, tf_worker, cfg, dtype):
     rank, axis, eps, mom = cfg
     case = make_case(shape_with_channels(rank, axis), axis, dtype, seed=50 + rank)
     compare(matrix, "TensorFlow", "nn.moments + nn.batch_normalization",
             tf_worker.versions["tensorflow"], remote_impl(tf_worker, "adapters_tf:tf_nn_moments"),
-            with_eps(TF_NN, eps), case, momentum=mom, variant=_id(cfg))
+            with_eps(TF_NN, eps), case, momentum=mom, variant=config_id(cfg))
 
 
 # -- tf-keras 2 -------------------------------------------------------------------------------------
@@ -110,7 +107,7 @@ def test_tf_keras2_defaults(tf_worker):
                                                         TF_KERAS2.channel_axis)
 
 
-@pytest.mark.parametrize("cfg,dtype", KERAS2, ids=_id)
+@pytest.mark.parametrize("cfg,dtype", KERAS2, ids=config_id)
 def test_tf_keras2_batch_normalization(matrix, tf_worker, cfg, dtype):
     rank, axis, eps, mom = cfg
     case = make_case(shape_with_channels(rank, axis), axis, dtype, seed=60 + rank)
@@ -120,7 +117,7 @@ def test_tf_keras2_batch_normalization(matrix, tf_worker, cfg, dtype):
         fused += ", decay 1 - momentum in float32"
     compare(matrix, "tf-keras 2", "layers.BatchNormalization", tf_worker.versions["tf-keras"],
             remote_impl(tf_worker, "adapters_tf:keras_layer", module="tf_keras"),
-            with_eps(tf_keras2_for(rank), eps), case, momentum=mom, variant=f"{_id(cfg)} ({fused})")
+            with_eps(tf_keras2_for(rank), eps), case, momentum=mom, variant=f"{config_id(cfg)} ({fused})")
 
 
 @pytest.mark.parametrize("rank", [2, 4])

@@ -15,6 +15,7 @@ statistics (``model`` here, run in a worker).
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -64,15 +65,17 @@ def main() -> None:
         paddle.jit.save(net, prefix, input_spec=spec)
         files = {p.suffix: p for p in Path(tmp).iterdir()}
         model_file = files.get(".json") or files[".pdmodel"]
-        out = HERE / "paddle2onnx_bn.onnx"
-        paddle2onnx.export(str(model_file), str(files[".pdiparams"]), str(out), opset_version=OPSET,
-                           enable_optimize=False)
-    import onnx
+        exported = Path(tmp) / "net.onnx"
+        paddle2onnx.export(str(model_file), str(files[".pdiparams"]), str(exported),
+                           opset_version=OPSET, enable_optimize=False)
+        import onnx
 
-    m = onnx.load(out)
+        m = onnx.load(exported)
+        if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
+            sys.exit("paddle2onnx folded the BatchNorms: nothing to recalibrate (the committed file is kept)")
+        out = HERE / "paddle2onnx_bn.onnx"
+        shutil.copyfile(exported, out)  # only once it is known to be good
     print("wrote", out, out.stat().st_size, "bytes:", [n.op_type for n in m.graph.node])
-    if not any(n.op_type == "BatchNormalization" for n in m.graph.node):
-        sys.exit("paddle2onnx folded the BatchNorms: nothing to recalibrate")
 
 
 if __name__ == "__main__":

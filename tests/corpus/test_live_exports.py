@@ -16,7 +16,6 @@ import pytest
 
 import bnref
 from bnref.conventions import PADDLE
-from tests.conformance.remote import start_worker
 from tests.corpus import needs
 from tests.corpus.reference import assert_stats_close, batchnorm_tensors
 
@@ -26,20 +25,6 @@ import onnx_tools as ot  # noqa: E402
 pytestmark = [pytest.mark.frameworks, pytest.mark.reference]
 DATA = Path(__file__).resolve().parent / "data"
 BATCH = 8
-
-
-@pytest.fixture(scope="module")
-def tf_worker():
-    w = start_worker("tf", {"TF_CPP_MIN_LOG_LEVEL": "3"})
-    yield w
-    w.close()
-
-
-@pytest.fixture(scope="module")
-def paddle_worker():
-    w = start_worker("paddle")
-    yield w
-    w.close()
 
 
 def _images(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
