@@ -172,10 +172,13 @@ def backward(params: Params, cache: _Cache, dlogits: np.ndarray) -> Params:
     return g
 
 
-def forward_eval(params: Params, stats: Stats | None, x: np.ndarray, eps: float = EPS) -> np.ndarray:
+def forward_eval(
+    params: Params, stats: Stats | None, x: np.ndarray, eps: float = EPS, conv_outputs: list | None = None
+) -> np.ndarray:
     """Inference-mode logits: BN ``i`` uses ``stats[i] = (mean, var)``; ``stats=None``: no BN at all.
 
     ``stats=None`` runs a folded network (:func:`fold`): convolutions with bias, then ReLU.
+    ``conv_outputs``, when given, receives every convolution's output (a BN's input), NHWC.
     """
     k = sum(1 for name in params if name.startswith("W")) - 1
     if stats is not None and len(stats) != k:
@@ -183,6 +186,8 @@ def forward_eval(params: Params, stats: Stats | None, x: np.ndarray, eps: float 
     h = as_images(x)
     for i in range(k):
         z, _ = _conv(params, i, h)
+        if conv_outputs is not None:
+            conv_outputs.append(z)
         if stats is not None:
             mean, var = stats[i]
             z = bnref.batch_norm_eval(z, params[f"gamma{i}"], params[f"beta{i}"], mean, var, eps=eps, axis=-1)

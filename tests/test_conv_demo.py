@@ -153,3 +153,23 @@ def test_run_demo_folded_end_to_end(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("contrast+brightness"))
     before, after, kept = (float(v.rstrip("%")) for v in row.split()[1:4])
     assert after > before + 50 and abs(after - kept) <= 2.0, row
+
+
+def test_forward_eval_reports_each_conv_output(digits, trained):
+    _, _, xte, _ = digits
+    params, ema, _ = trained
+    maps: list = []
+    logits = C.forward_eval(params, ema, xte[:8], conv_outputs=maps)
+    np.testing.assert_array_equal(logits, C.forward_eval(params, ema, xte[:8]))
+    assert [m.shape[-1] for m in maps] == list(WIDTHS)
+    # conv 0 by direct summation over the 3x3 window (zero padding), independent of im2col
+    img = np.pad(C.as_images(xte[:8]).astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    w = params["W0"].T.reshape(WIDTHS[0], 1, 3, 3)  # columns are (channel, row, column)
+    s = C.STRIDES[0]
+    h_out = maps[0].shape[1]
+    direct = np.zeros(maps[0].shape)
+    for r in range(h_out):
+        for c in range(h_out):
+            patch = img[:, r * s : r * s + 3, c * s : c * s + 3, 0]
+            direct[:, r, c, :] = np.einsum("nij,oij->no", patch, w[:, 0].astype(np.float64))
+    np.testing.assert_allclose(maps[0], direct, rtol=0, atol=1e-5 * np.abs(direct).max())
