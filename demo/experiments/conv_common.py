@@ -1,4 +1,4 @@
-"""What the conv-net experiments (6-8) share: the split, the trained nets, and ``recalibrate --source``.
+"""What the conv-net experiments (6-9) share: the split, the trained nets, and ``recalibrate --source``.
 
 * :func:`get_conv_split` — the fixed 4,000 / 1,000 train/test split (split seed 0).
 * :data:`CONV_RUNS` — the trained conv nets, one per seed, computed once per invocation
@@ -76,7 +76,7 @@ def _compute_conv_runs(seeds: Sequence[int], jobs: int) -> list[dict]:
     return run_seeds(conv_run, seeds, jobs)
 
 
-#: The trained conv nets of every seed, shared by experiments 6-8.
+#: The trained conv nets of every seed, shared by experiments 6-9.
 CONV_RUNS = SharedInput("conv_runs", _compute_conv_runs)
 
 
