@@ -103,4 +103,4 @@ def run_logits(model_or_session, x: np.ndarray) -> np.ndarray:
 
 def onnx_accuracy(model_or_session, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy of the ONNX conv net on flattened digits ``(x, y)``."""
-    return float((run_logits(model_or_session, x).argmax(axis=1) == y).mean())
+    return X.onnx_accuracy(model_or_session, nchw(x), y)

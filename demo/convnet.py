@@ -18,7 +18,7 @@ Training mode returns each BN's :class:`bnref.Moments`, which Precise BN
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,14 +28,13 @@ import bnref
 from demo.model import (
     EPS,
     EMATracker,
+    EpochCallback,
     Params,
     Stats,
     batches,
-    lr_at,
     num_bn,
     one_blas_thread,
-    sgd_step,
-    softmax_xent,
+    sgd_epochs,
 )
 
 __all__ = [
@@ -173,10 +172,13 @@ def backward(params: Params, cache: _Cache, dlogits: np.ndarray) -> Params:
     return g
 
 
-def forward_eval(params: Params, stats: Stats | None, x: np.ndarray, eps: float = EPS) -> np.ndarray:
+def forward_eval(
+    params: Params, stats: Stats | None, x: np.ndarray, eps: float = EPS, conv_outputs: list | None = None
+) -> np.ndarray:
     """Inference-mode logits: BN ``i`` uses ``stats[i] = (mean, var)``; ``stats=None``: no BN at all.
 
     ``stats=None`` runs a folded network (:func:`fold`): convolutions with bias, then ReLU.
+    ``conv_outputs``, when given, receives every convolution's output (a BN's input), NHWC.
     """
     k = sum(1 for name in params if name.startswith("W")) - 1
     if stats is not None and len(stats) != k:
@@ -184,6 +186,8 @@ def forward_eval(params: Params, stats: Stats | None, x: np.ndarray, eps: float 
     h = as_images(x)
     for i in range(k):
         z, _ = _conv(params, i, h)
+        if conv_outputs is not None:
+            conv_outputs.append(z)
         if stats is not None:
             mean, var = stats[i]
             z = bnref.batch_norm_eval(z, params[f"gamma{i}"], params[f"beta{i}"], mean, var, eps=eps, axis=-1)
@@ -279,7 +283,7 @@ def train(
     y: np.ndarray,
     cfg: ConvConfig,
     trackers: dict[str, EMATracker] | None = None,
-    on_epoch: Callable[[int, Params, dict[str, EMATracker]], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> tuple[Params, dict[str, EMATracker]]:
     """Train from ``init_params(cfg.seed)``; data order from ``(cfg.seed, 1)``.
 
@@ -291,18 +295,5 @@ def train(
     params = init_params(cfg.seed, cfg.widths)
     if trackers is None:
         trackers = {"pytorch": EMATracker(bnref.conventions.PYTORCH, cfg.widths)}
-    velocity = {k: np.zeros_like(v) for k, v in params.items()}
-    total = len(x) // cfg.batch_size * cfg.epochs
-    step = 0
-    with one_blas_thread():
-        for epoch in range(1, cfg.epochs + 1):
-            for idx in batches(len(x), cfg.batch_size, rng):
-                logits, cache, moments = forward_train(params, x[idx])
-                grads = backward(params, cache, softmax_xent(logits, y[idx])[1])
-                sgd_step(params, grads, velocity, np.float32(lr_at(cfg, step, total)), cfg)
-                for t in trackers.values():
-                    t.update(moments)
-                step += 1
-            if on_epoch is not None:
-                on_epoch(epoch, params, trackers)
+    sgd_epochs(x, y, cfg, params, trackers, rng, on_epoch, forward_train, backward)
     return params, trackers

@@ -46,6 +46,7 @@ __all__ = [
     "precise_stats",
     "TrainConfig",
     "train",
+    "sgd_epochs",
     "softmax_xent",
     "batches",
     "one_blas_thread",
@@ -320,27 +321,32 @@ def train(
     widths = cfg.sizes[1:-1]
     if trackers is None:
         trackers = {name: EMATracker(c, widths) for name, c in conventions.items()}
-    velocity = {k: np.zeros_like(v) for k, v in params.items()}
-    steps_per_epoch = len(x) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
-    with one_blas_thread():
-        _train_loop(x, y, cfg, params, trackers, velocity, rng, total, on_epoch)
+    sgd_epochs(x, y, cfg, params, trackers, rng, on_epoch)
     return params, trackers
 
 
-def _train_loop(x, y, cfg, params, trackers, velocity, rng, total, on_epoch) -> None:
+def sgd_epochs(x: np.ndarray, y: np.ndarray, cfg, params: Params, trackers: dict[str, EMATracker],
+               rng: np.random.Generator, on_epoch: EpochCallback | None = None,
+               forward: Callable = forward_train, grad: Callable = backward) -> None:  # fmt: skip
+    """Train ``params`` in place: ``cfg.epochs`` epochs of SGD + momentum (:func:`sgd_step`, :func:`lr_at`).
+
+    ``forward(params, xb) -> (logits, cache, moments)``, ``grad(params, cache, dlogits)``: this MLP's
+    by default (:mod:`demo.convnet` passes its own); every tracker gets each step's BN moments.
+    """
+    velocity = {k: np.zeros_like(v) for k, v in params.items()}
+    total = len(x) // cfg.batch_size * cfg.epochs
     step = 0
-    for epoch in range(1, cfg.epochs + 1):
-        for idx in batches(len(x), cfg.batch_size, rng):
-            logits, cache, moments = forward_train(params, x[idx])
-            _, dlogits = softmax_xent(logits, y[idx])
-            grads = backward(params, cache, dlogits)
-            sgd_step(params, grads, velocity, np.float32(lr_at(cfg, step, total)), cfg)
-            for t in trackers.values():
-                t.update(moments)
-            step += 1
-        if on_epoch is not None:
-            on_epoch(epoch, params, trackers)
+    with one_blas_thread():
+        for epoch in range(1, cfg.epochs + 1):
+            for idx in batches(len(x), cfg.batch_size, rng):
+                logits, cache, moments = forward(params, x[idx])
+                grads = grad(params, cache, softmax_xent(logits, y[idx])[1])
+                sgd_step(params, grads, velocity, np.float32(lr_at(cfg, step, total)), cfg)
+                for t in trackers.values():
+                    t.update(moments)
+                step += 1
+            if on_epoch is not None:
+                on_epoch(epoch, params, trackers)
 
 
 def sgd_step(params: Params, grads: Params, velocity: Params, lr: np.float32, cfg) -> None:

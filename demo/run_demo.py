@@ -118,9 +118,9 @@ def recalibrate_shift(d: Deployment, shift: str) -> tuple[str, float, float]:
     sp, held = d.split, d.held
     y_ev = sp.y_test[held]
     xs = D.apply_shift(shift, sp.x_test, sp.side, seed=d.seed)
-    calib = d.out / f"calib_{_slug(shift)}.npy"
+    calib = d.out / f"calib_{slug(shift)}.npy"
     np.save(calib, xs[d.pool])  # unlabeled: only images go to the tool
-    fixed = d.out / f"model_{_slug(shift)}.onnx"
+    fixed = d.out / f"model_{slug(shift)}.onnx"
     main_shift = shift == MAIN_SHIFT
     if main_shift:
         print(
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """``name`` as a file-name part: every non-alphanumeric character becomes ``_``."""
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 

@@ -32,7 +32,7 @@ from demo import conv_export as CX
 from demo import convnet as C
 from demo import data as D
 from demo.experiments.conv_common import CONV_MODEL, SOURCE_BATCH, get_conv_split, target_split
-from demo.run_demo import MAIN_SHIFT, cli_command, recalibrate_cli
+from demo.run_demo import MAIN_SHIFT, cli_command, recalibrate_cli, slug
 
 
 def run_cli(args: list[str]) -> None:
@@ -69,7 +69,7 @@ def save_data(sp, seed: int, n_source: int, out: Path) -> tuple[Path, np.ndarray
         if shift == "clean":
             continue
         xs = D.apply_shift(shift, sp.x_test, sp.side, seed=seed)
-        targets[shift] = out / f"target_{_slug(shift)}.npy"
+        targets[shift] = out / f"target_{slug(shift)}.npy"
         np.save(targets[shift], CX.nchw(xs[pool]))
     return source, held, targets
 
@@ -78,7 +78,7 @@ def adapt_shift(sp, seed, shift, paths, held, out: Path) -> tuple[str, float, fl
     """Step 4 for one shift: recalibrate the folded model with ``--source`` and the BN-kept twin."""
     folded, kept, source, target = paths
     loud = shift == MAIN_SHIFT
-    adapted, kept_adapted = out / f"adapted_{_slug(shift)}.onnx", out / f"kept_{_slug(shift)}.onnx"
+    adapted, kept_adapted = out / f"adapted_{slug(shift)}.onnx", out / f"kept_{slug(shift)}.onnx"
     recalibrate_cli(folded, target, adapted, quiet=not loud, extra=["--source", str(source)])
     recalibrate_cli(kept, target, kept_adapted, quiet=True)
     xs = D.apply_shift(shift, sp.x_test, sp.side, seed=seed)[held]
@@ -135,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(rows, clean, len(held), args.source_images)
     print(f"demo finished in {time.perf_counter() - t0:.1f} s; files in {out}/")
     return 0
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 if __name__ == "__main__":

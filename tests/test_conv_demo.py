@@ -4,7 +4,7 @@
 * backward against central differences with a random upstream gradient (float64);
 * the NumPy reference of unfold: the identity at inference, and recalibrating the unfolded
   folded model equals recalibrating the BN-kept model (the FACTS.md derivation);
-* ``onnx_tools``' unfold against that reference (skips where onnx_tools has no unfold yet).
+* ``onnx_tools``' unfold (``recalibrate(..., source=...)``) against that reference.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def test_unfolded_recalibration_equals_bn_kept_recalibration(digits, trained):
 
 
 def test_onnx_tools_unfold_matches_the_reference(digits, trained):
-    onnx_tools = pytest.importorskip("onnx_tools")
+    import onnx_tools  # the project itself: an import error fails, never skips
+
     xtr, _, xte, _ = digits
     params, _, precise = trained
     folded = C.fold(params, precise)
@@ -144,7 +145,6 @@ def test_onnx_tools_unfold_matches_the_reference(digits, trained):
 
 @pytest.mark.slow
 def test_run_demo_folded_end_to_end(tmp_path, capsys):
-    pytest.importorskip("onnx_tools.cli")
     from demo import run_demo_folded
 
     assert run_demo_folded.main(["--out", str(tmp_path), "--source-images", "256"]) == 0
@@ -153,3 +153,23 @@ def test_run_demo_folded_end_to_end(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.strip().startswith("contrast+brightness"))
     before, after, kept = (float(v.rstrip("%")) for v in row.split()[1:4])
     assert after > before + 50 and abs(after - kept) <= 2.0, row
+
+
+def test_forward_eval_reports_each_conv_output(digits, trained):
+    _, _, xte, _ = digits
+    params, ema, _ = trained
+    maps: list = []
+    logits = C.forward_eval(params, ema, xte[:8], conv_outputs=maps)
+    np.testing.assert_array_equal(logits, C.forward_eval(params, ema, xte[:8]))
+    assert [m.shape[-1] for m in maps] == list(WIDTHS)
+    # conv 0 by direct summation over the 3x3 window (zero padding), independent of im2col
+    img = np.pad(C.as_images(xte[:8]).astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    w = params["W0"].T.reshape(WIDTHS[0], 1, 3, 3)  # columns are (channel, row, column)
+    s = C.STRIDES[0]
+    h_out = maps[0].shape[1]
+    direct = np.zeros(maps[0].shape)
+    for r in range(h_out):
+        for c in range(h_out):
+            patch = img[:, r * s : r * s + 3, c * s : c * s + 3, 0]
+            direct[:, r, c, :] = np.einsum("nij,oij->no", patch, w[:, 0].astype(np.float64))
+    np.testing.assert_allclose(maps[0], direct, rtol=0, atol=1e-5 * np.abs(direct).max())

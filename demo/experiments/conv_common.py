@@ -1,4 +1,4 @@
-"""What the conv-net experiments (6-8) share: the split, the trained nets, and ``recalibrate --source``.
+"""What the conv-net experiments (6-9) share: the split, the trained nets, and ``recalibrate --source``.
 
 * :func:`get_conv_split` — the fixed 4,000 / 1,000 train/test split (split seed 0).
 * :data:`CONV_RUNS` — the trained conv nets, one per seed, computed once per invocation
@@ -19,7 +19,7 @@ import numpy as np
 
 from bnref.conventions import KERAS, PYTORCH
 from demo import convnet as C
-from demo.experiments.common import Split, run_seeds
+from demo.experiments.common import Split, get_split, run_seeds
 from demo.experiments.spec import SharedInput
 from demo.model import EMATracker
 
@@ -32,11 +32,8 @@ EPS_PRIME = 1e-5  # the inserted BNs' epsilon (bn_eps), tool and NumPy reference
 
 
 def get_conv_split() -> Split:
-    """The mnist5k digits split 4,000 / 1,000 with split seed 0."""
-    from demo import data as D
-
-    d = D.load("mnist5k")
-    return Split(*D.split(d, CONV_TEST_FRACTION, 0), side=d.side)
+    """The mnist5k digits split 4,000 / 1,000 (split seed :data:`~demo.experiments.common.SPLIT_SEED`)."""
+    return get_split("mnist5k", CONV_TEST_FRACTION)
 
 
 def target_split(seed: int, n_test: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +76,7 @@ def _compute_conv_runs(seeds: Sequence[int], jobs: int) -> list[dict]:
     return run_seeds(conv_run, seeds, jobs)
 
 
-#: The trained conv nets of every seed, shared by experiments 6-8.
+#: The trained conv nets of every seed, shared by experiments 6-9.
 CONV_RUNS = SharedInput("conv_runs", _compute_conv_runs)
 
 

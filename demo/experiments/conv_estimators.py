@@ -61,15 +61,10 @@ def sweep_seed(run: dict, sp, pool, held) -> dict:
 
 def _feature_maps(params, stats, x) -> list[np.ndarray]:
     """Every conv output (BN input) in inference mode: NHWC float64."""
-    maps, h = [], C.as_images(x)
+    maps: list[np.ndarray] = []
     with one_blas_thread():
-        for i in range(len(stats)):
-            z = C.im2col(h, C.STRIDES[i]) @ params[f"W{i}"]
-            maps.append(z.astype(np.float64))
-            mean, var = stats[i]
-            y = bnref.batch_norm_eval(z, params[f"gamma{i}"], params[f"beta{i}"], mean, var, eps=C.EPS, axis=-1)
-            h = np.maximum(y, 0.0)
-    return maps
+        C.forward_eval(params, stats, x, conv_outputs=maps)
+    return [z.astype(np.float64) for z in maps]
 
 
 def _gap_of_batches(values: np.ndarray, m: int) -> float:

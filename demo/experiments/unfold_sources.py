@@ -60,7 +60,7 @@ def _draw_cell(folded_model, x_src, targets, y) -> dict:
         res = tool_adapt(folded_model, cal, x_src)
         logits = CX.run_logits(res.model, ev)
         cell[sh] = {"acc": float((logits.argmax(1) == y).mean()), **logit_gap(kept, logits)}
-        cell["ustats"] = list(res.unfolded.statistics.values())  # the same for every shift
+    cell["ustats"] = list(res.unfolded.statistics.values())  # the same for every shift: the last one's
     return cell
 
 
@@ -81,13 +81,14 @@ def sources_seed(run: dict, split=None) -> dict:
     out = {"seed": seed, "kept": {}, "counts": {}}
     for sh in SHIFTS:
         out["kept"][sh] = float((targets[sh][2].argmax(1) == y).mean())
+    # How far the inserted BNs' statistics are from those the model was folded with
+    # (in the folded conv's output units: mean beta, variance gamma^2 v/(v + eps)).
+    folded_output = _folded_output_stats(params, run["precise"])
     for n in COUNTS:
         cells = []
         for draw in range(1 if n >= len(sp.x_train) else DRAWS):
             cell = _draw_cell(folded_model, _source(sp, seed, n, draw), targets, y)
-            # How far the inserted BNs' statistics are from those the model was folded with
-            # (in the folded conv's output units: mean beta, variance gamma^2 v/(v + eps)).
-            cell["stats_gap"] = stats_gap(_folded_output_stats(params, run["precise"]), cell.pop("ustats"))
+            cell["stats_gap"] = stats_gap(folded_output, cell.pop("ustats"))
             cells.append(cell)
         out["counts"][str(n)] = cells
     return out
